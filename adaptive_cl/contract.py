@@ -1,0 +1,221 @@
+"""The loss contract: option checking and input preparation shared by every backend.
+
+Every backend receives the same :class:`Prepared` bundle, so a backend never re-validates and
+never sees an input shape other than ``(B, D)`` views, ``(N,)`` thresholds and ``(N,)`` labels.
+All checks here are on metadata only (shapes, dtypes, devices, Python values): nothing reads a
+tensor's values, so validation never synchronises with a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+DENOMINATORS = ("negatives", "all")
+WEIGHTINGS = ("normalized", "unit")
+THRESHOLDS = ("hard", "soft")
+REDUCTIONS = ("mean", "sum", "none")
+
+#: The ``F.normalize`` epsilon: a zero row normalises to zero, so its cosine with every row is 0.
+NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The scalar options of the loss (hashable, so kernels can specialise on them)."""
+
+    temperature: float = 1.0
+    normalize: bool = True
+    denominator: str = "negatives"
+    weighting: str = "normalized"
+    positive_weight: float = 0.5
+    threshold: str = "hard"
+    threshold_scale: float = 0.05
+    reduction: str = "mean"
+
+
+@dataclass
+class Prepared:
+    """Validated inputs in the one layout every backend consumes.
+
+    ``k_rows``: ``None`` or an ``(N,)`` tensor in the compute dtype (row ``i`` and ``i + B``
+    share ``k[i]`` when a ``(B,)`` threshold was given); expanded with differentiable ops, so
+    gradients flow back to the caller's ``k``.
+    ``k_scalar``: the threshold as a Python float when it was given as one (then ``k_rows`` is a
+    constant tensor and kernels may take the float instead and skip the load).
+    ``labels_rows``: ``None`` or an ``(N,)`` int64 tensor.
+    """
+
+    z: torch.Tensor
+    z_aug: torch.Tensor
+    k_rows: torch.Tensor | None
+    k_scalar: float | None
+    labels_rows: torch.Tensor | None
+    options: LossOptions
+
+    @property
+    def batch(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.z.dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 inputs stay float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    return value
+
+
+def make_options(
+    *,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    denominator: str = "negatives",
+    weighting: str = "normalized",
+    positive_weight: float = 0.5,
+    threshold: str = "hard",
+    threshold_scale: float = 0.05,
+    reduction: str = "mean",
+) -> LossOptions:
+    """Check the scalar options (shared by the functional and the Module's constructor)."""
+    temperature = _check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool; got {type(normalize).__name__}")
+    _check_choice("denominator", denominator, DENOMINATORS)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    _check_choice("threshold", threshold, THRESHOLDS)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    positive_weight = _check_real("positive_weight", positive_weight)
+    if not 0.0 < positive_weight <= 1.0:
+        raise ValueError(f"positive_weight must be in (0, 1]; got {positive_weight}")
+    if weighting == "unit" and positive_weight == 1.0:
+        raise ValueError(
+            "positive_weight must be < 1 with weighting='unit' (its extra-positive constant is "
+            "-log((1 - positive_weight) / m_i)); got 1.0"
+        )
+    threshold_scale = _check_real("threshold_scale", threshold_scale)
+    if threshold_scale <= 0:
+        raise ValueError(f"threshold_scale must be > 0; got {threshold_scale}")
+    return LossOptions(
+        temperature=temperature,
+        normalize=normalize,
+        denominator=denominator,
+        weighting=weighting,
+        positive_weight=positive_weight,
+        threshold=threshold,
+        threshold_scale=threshold_scale,
+        reduction=reduction,
+    )
+
+
+def _check_views(z: object, z_aug: object) -> None:
+    for name, t in (("z", z), ("z_aug", z_aug)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape (B, D); got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have shape (B, D); got shape {tuple(t.shape)}")
+    assert isinstance(z, torch.Tensor) and isinstance(z_aug, torch.Tensor)
+    if z.shape != z_aug.shape:
+        raise ValueError(
+            f"z and z_aug must have the same shape (B, D); got {tuple(z.shape)} and {tuple(z_aug.shape)}"
+        )
+    if z.dtype != z_aug.dtype:
+        raise TypeError(f"z and z_aug must have the same dtype; got {z.dtype} and {z_aug.dtype}")
+    if z.device != z_aug.device:
+        raise ValueError(f"z and z_aug must be on the same device; got {z.device} and {z_aug.device}")
+    if z.shape[0] < 2:
+        raise ValueError(f"z must hold at least B=2 rows (N = 2B >= 4); got B={z.shape[0]}")
+    if z.shape[1] < 1:
+        raise ValueError(f"z must have at least one feature column; got D={z.shape[1]}")
+
+
+def _rows(name: str, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Expand a (B,) per-pair vector to (N,) rows, keeping (N,) as is."""
+    if t.dim() == 1 and t.shape[0] == batch:
+        return torch.cat([t, t])
+    if t.dim() == 1 and t.shape[0] == 2 * batch:
+        return t
+    raise ValueError(
+        f"{name} must have shape (B,)=({batch},) or (N,)=({2 * batch},); got {tuple(t.shape)}"
+    )
+
+
+def _prepare_k(k: object, z: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, float | None]:
+    if k is None:
+        return None, None
+    batch = z.shape[0]
+    if isinstance(k, numbers.Real) and not isinstance(k, bool):
+        value = float(k)
+        return torch.full((2 * batch,), value, dtype=dtype, device=z.device), value
+    if not isinstance(k, torch.Tensor):
+        raise TypeError(
+            f"k must be None, a float, or a floating tensor of shape (), (B,) or (N,); got {type(k).__name__}"
+        )
+    if not k.is_floating_point():
+        raise TypeError(f"k must be a floating-point tensor; got dtype {k.dtype}")
+    if k.device != z.device:
+        raise ValueError(f"k must be on the same device as z ({z.device}); got {k.device}")
+    k = k.to(dtype)
+    if k.dim() == 0:
+        return k.expand(2 * batch), None
+    return _rows("k", k, batch), None
+
+
+def _prepare_labels(labels: object, z: torch.Tensor) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be None or an integer tensor of shape (B,) or (N,); got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got dtype {labels.dtype}")
+    if labels.device != z.device:
+        raise ValueError(f"labels must be on the same device as z ({z.device}); got {labels.device}")
+    return _rows("labels", labels.to(torch.int64), z.shape[0])
+
+
+def prepare(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    k: torch.Tensor | float | None,
+    labels: torch.Tensor | None,
+    options: LossOptions,
+) -> Prepared:
+    """Validate the tensors against each other and the options; return the backend bundle."""
+    _check_views(z, z_aug)
+    dtype = compute_dtype(z.dtype)
+    k_rows, k_scalar = _prepare_k(k, z, dtype)
+    labels_rows = _prepare_labels(labels, z)
+    if options.threshold == "soft" and k is None:
+        raise ValueError("threshold='soft' needs a threshold k; got k=None")
+    if not options.normalize and options.denominator == "negatives" and (k is not None or labels is not None):
+        warnings.warn(
+            "normalize=False with extra positives and denominator='negatives': extra positives sit "
+            "outside the log-sum-exp, so the loss is unbounded below as the norms of z grow",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Prepared(z, z_aug, k_rows, k_scalar, labels_rows, options)

@@ -1,0 +1,58 @@
+"""``AdaptiveInfoNCE``: the loss as an ``nn.Module`` with the options fixed at construction."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import backends
+from .contract import make_options, prepare
+
+
+class AdaptiveInfoNCE(nn.Module):
+    """Module form of :func:`adaptive_cl.adaptive_info_nce` (same options, same defaults).
+
+    Options are validated once in the constructor; ``forward(z, z_aug, k=None, labels=None)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        normalize: bool = True,
+        denominator: str = "negatives",
+        weighting: str = "normalized",
+        positive_weight: float = 0.5,
+        threshold: str = "hard",
+        threshold_scale: float = 0.05,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = make_options(
+            temperature=temperature,
+            normalize=normalize,
+            denominator=denominator,
+            weighting=weighting,
+            positive_weight=positive_weight,
+            threshold=threshold,
+            threshold_scale=threshold_scale,
+            reduction=reduction,
+        )
+        if not isinstance(backend, str) or backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, backends.BACKENDS))}; got {backend!r}")
+        self.backend = backend
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        z_aug: torch.Tensor,
+        k: torch.Tensor | float | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        p = prepare(z, z_aug, k, labels, self.options)
+        return backends.resolve(self.backend, p)(p)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return ", ".join(f"{f}={getattr(o, f)!r}" for f in o.__dataclass_fields__) + f", backend={self.backend!r}"
