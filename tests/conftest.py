@@ -1,0 +1,21 @@
+"""Test-session set-up shared by every test directory."""
+
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under Triton's CPU interpreter. Triton reads this
+# variable when a kernel is defined, so it must be set before anything imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
