@@ -422,13 +422,15 @@ class SameTargetIndex:
         sorted_targets = targets[order]
         _, group_sizes = torch.unique_consecutive(sorted_targets, return_counts=True)
         group_starts = torch.cumsum(group_sizes, 0) - group_sizes
-        group_of_sorted = torch.repeat_interleave(torch.arange(len(group_sizes)), group_sizes)
+        group_of_sorted = torch.repeat_interleave(
+            torch.arange(len(group_sizes), device=targets.device), group_sizes
+        )
         start = torch.empty_like(order)
         size = torch.empty_like(order)
         position = torch.empty_like(order)
         start[order] = group_starts[group_of_sorted]
         size[order] = group_sizes[group_of_sorted]
-        position[order] = torch.arange(len(order)) - group_starts[group_of_sorted]
+        position[order] = torch.arange(len(order), device=targets.device) - start[order]
         self._set(order, start, size, position)
 
     def _set(self, order, start, size, position) -> None:
