@@ -105,13 +105,22 @@ def _from_events(
     """Group (user, item[, time]) events into per-user sequences, stable-sorted by time."""
     u = np.asarray(users, dtype=np.int64)
     i = np.asarray(items, dtype=np.int64)
-    # lexsort is stable: equal timestamps (and the no-timestamp case) keep file order.
-    order = np.lexsort((np.asarray(timestamps), u)) if timestamps is not None else np.argsort(
-        u, kind="stable"
-    )
+    # Both sorts are stable: equal timestamps, and every event without one, keep file order.
+    if timestamps is None:
+        order = np.argsort(u, kind="stable")
+    else:
+        order = np.lexsort((np.asarray(timestamps), u))
     counts = np.bincount(u, minlength=len(user_ids))
     sequences = np.split(i[order], np.cumsum(counts)[:-1])
     return SequenceData(name, sequences, len(item_ids), user_ids, ["<pad>", *item_ids])
+
+
+def _is_int(token: str) -> bool:
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
 
 
 def read_user_sequences(path: str | Path) -> SequenceData:
@@ -143,14 +152,6 @@ def read_user_sequences(path: str | Path) -> SequenceData:
         path.stem, sequences, len(item_index), [str(u) for u in user_index],
         ["<pad>", *(str(i) for i in item_index)],
     )
-
-
-def _is_int(token: str) -> bool:
-    try:
-        int(token)
-    except ValueError:
-        return False
-    return True
 
 
 def read_interaction_pairs(path: str | Path) -> SequenceData:
