@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Lower bounds on the fused loss's time per shape, from work counts and H100 SXM peak rates.
+
+    python benchmarks/floor.py            # markdown tables for the benchmark grid
+    python benchmarks/floor.py --N 32768 --D 64
+
+Work of the fused kernel (KERNEL-NOTES.md §1-2), per call on N = 2B rows of width D:
+- exponentials: forward N^2 (one per logit), backward N^2 (the fixed shift 1/tau makes one
+  exponential per tile element serve both G_IJ and G_JI^T);
+- matmul FLOPs: forward one N x N x D product (S = Z Z^T), backward two (recompute S, then
+  (G + G^T) Z), each 2 N^2 D;
+- HBM bytes: Z read by each pass, dZ written, O(N) per-row statistics: tiny next to the rest;
+- other FP32 arithmetic per logit (scale, compare with k, masks, selects, sums): not a peak
+  rate bound but an estimate, ALU_OPS per element at half the FMA FLOP rate (one op per lane
+  per clock).
+A time floor is the largest of the bounds that must all be paid (they can overlap, so the max,
+not the sum). The SDPA flash proxy does 2 matmuls forward and 5 backward, and N^2 exponentials
+each way.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# H100 SXM5 peak rates (dense, no sparsity).
+MUFU_EXP_PER_S = 3.9e12  # 16 MUFU ops/clk/SM x 132 SMs x ~1.83 GHz
+BF16_FLOPS = 989e12
+TF32_FLOPS = 495e12
+FP32_FMA_FLOPS = 67e12  # CUDA cores; one FMA = 2 FLOP
+FP32_OPS_PER_S = FP32_FMA_FLOPS / 2  # non-FMA arithmetic: one op per lane per clock
+HBM_BYTES_PER_S = 3.35e12
+
+#: Estimated non-matmul FP32 operations per logit element (see the module docstring).
+ALU_OPS = {"fwd": 8, "fwd+bwd": 8 + 14}
+GRID_N = (512, 2048, 8192, 16384, 32768, 65536)
+GRID_D = (64, 128, 256)
+STATS_BYTES_PER_ROW = 32  # LSE, m, sum over A, partner logit, k, label, loss, upstream
+
+
+def counts(n: int, d: int, mode: str = "fwd+bwd", elem_bytes: int = 2) -> dict:
+    """Exponentials, matmul FLOPs, HBM bytes and other FP32 ops of one fused call."""
+    passes = 1 if mode == "fwd" else 2
+    matmuls = 1 if mode == "fwd" else 3
+    z_bytes = n * d * elem_bytes
+    hbm = passes * (z_bytes + STATS_BYTES_PER_ROW * n) + (z_bytes if mode == "fwd+bwd" else 0)
+    return {
+        "exps": passes * n * n,
+        "matmul_flops": matmuls * 2 * n * n * d,
+        "bytes": hbm,
+        "alu_ops": ALU_OPS[mode] * n * n,
+    }
+
+
+def times_ms(n: int, d: int, mode: str = "fwd+bwd", elem_bytes: int = 2) -> dict:
+    """Each bound in ms, and the floors: bf16; float32 at "highest" with ieee FMA or tf32x3
+    (three tensor-core passes); float32 at "high" (one tf32 pass)."""
+    c = counts(n, d, mode, elem_bytes)
+    t = {
+        "exp": c["exps"] / MUFU_EXP_PER_S * 1e3,
+        "mm_bf16": c["matmul_flops"] / BF16_FLOPS * 1e3,
+        "mm_fp32_ieee": c["matmul_flops"] / FP32_FMA_FLOPS * 1e3,
+        "mm_tf32x3": 3 * c["matmul_flops"] / TF32_FLOPS * 1e3,
+        "mm_tf32": c["matmul_flops"] / TF32_FLOPS * 1e3,
+        "hbm": c["bytes"] / HBM_BYTES_PER_S * 1e3,
+        "alu_est": c["alu_ops"] / FP32_OPS_PER_S * 1e3,
+    }
+    t["floor_bf16"] = max(t["exp"], t["mm_bf16"], t["hbm"])
+    t["floor_fp32_ieee"] = max(t["exp"], t["mm_fp32_ieee"], t["hbm"])
+    t["floor_fp32_tf32x3"] = max(t["exp"], t["mm_tf32x3"], t["hbm"])
+    t["floor_fp32_tf32"] = max(t["exp"], t["mm_tf32"], t["hbm"])
+    return t
+
+
+def sdpa_floor_ms(n: int, d: int, mode: str = "fwd+bwd") -> float:
+    """The bf16 flash-attention floor on (1, 1, N, D): 2 (+5) matmuls, N^2 (+N^2) exps."""
+    matmuls = 2 if mode == "fwd" else 7
+    exps = n * n if mode == "fwd" else 2 * n * n
+    return max(exps / MUFU_EXP_PER_S, matmuls * 2 * n * n * d / BF16_FLOPS) * 1e3
+
+
+def tables(ns=GRID_N, ds=GRID_D) -> str:
+    out = ["### Work per fused call (fwd+bwd)", "",
+           "| N | D | exps | matmul GFLOP | HBM MB (bf16 / fp32) | other FP32 ops (est.) |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for n in ns:
+        for d in ds:
+            c2, c4 = counts(n, d, elem_bytes=2), counts(n, d, elem_bytes=4)
+            out.append(f"| {n} | {d} | {c2['exps']:.3g} | {c2['matmul_flops'] / 1e9:.4g} | "
+                       f"{c2['bytes'] / 1e6:.3g} / {c4['bytes'] / 1e6:.3g} | {c2['alu_ops']:.3g} |")
+    for mode in ("fwd+bwd", "fwd"):
+        out += ["", f"### Bounds and floors in ms, {mode} (H100 SXM peak rates)", "",
+                "| N | D | exp (MUFU) | mm bf16 | mm fp32 ieee | mm tf32x3 | HBM (fp32) | other FP32 ops (est.) "
+                "| **floor bf16** | **floor fp32 tf32x3** | **floor fp32 ieee** | SDPA-flash bf16 floor |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in ns:
+            for d in ds:
+                t = times_ms(n, d, mode, elem_bytes=4)
+                t["floor_bf16"] = times_ms(n, d, mode, elem_bytes=2)["floor_bf16"]
+                out.append(
+                    f"| {n} | {d} | {t['exp']:.3g} | {t['mm_bf16']:.3g} | {t['mm_fp32_ieee']:.3g} | "
+                    f"{t['mm_tf32x3']:.3g} | {t['hbm']:.2g} | {t['alu_est']:.3g} | **{t['floor_bf16']:.3g}** | "
+                    f"**{t['floor_fp32_tf32x3']:.3g}** | **{t['floor_fp32_ieee']:.3g}** | {sdpa_floor_ms(n, d, mode):.3g} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Print the FLOP/exp/byte floors of the fused loss.")
+    ap.add_argument("--N", type=lambda s: tuple(int(x) for x in s.split(",")), default=GRID_N)
+    ap.add_argument("--D", type=lambda s: tuple(int(x) for x in s.split(",")), default=GRID_D)
+    args = ap.parse_args(argv)
+    print(tables(args.N, args.D))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
