@@ -78,6 +78,11 @@ def sdpa_floor_ms(n: int, d: int, mode: str = "fwd+bwd") -> float:
     return max(exps / MUFU_EXP_PER_S, matmuls * 2 * n * n * d / BF16_FLOPS) * 1e3
 
 
+def fmt(v: float) -> str:
+    """3 significant digits without exponents for the magnitudes in these tables."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def tables(ns=GRID_N, ds=GRID_D) -> str:
     out = ["### Work per fused call (fwd+bwd)", "",
            "| N | D | exps | matmul GFLOP | HBM MB (bf16 / fp32) | other FP32 ops (est.) |",
@@ -88,18 +93,19 @@ def tables(ns=GRID_N, ds=GRID_D) -> str:
             out.append(f"| {n} | {d} | {c2['exps']:.3g} | {c2['matmul_flops'] / 1e9:.4g} | "
                        f"{c2['bytes'] / 1e6:.3g} / {c4['bytes'] / 1e6:.3g} | {c2['alu_ops']:.3g} |")
     for mode in ("fwd+bwd", "fwd"):
-        out += ["", f"### Bounds and floors in ms, {mode} (H100 SXM peak rates)", "",
+        out += ["", f"### Bounds and floors in µs, {mode} (H100 SXM peak rates)", "",
                 "| N | D | exp (MUFU) | mm bf16 | mm fp32 ieee | mm tf32x3 | HBM (fp32) | other FP32 ops (est.) "
                 "| **floor bf16** | **floor fp32 tf32x3** | **floor fp32 ieee** | SDPA-flash bf16 floor |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n in ns:
             for d in ds:
-                t = times_ms(n, d, mode, elem_bytes=4)
-                t["floor_bf16"] = times_ms(n, d, mode, elem_bytes=2)["floor_bf16"]
-                out.append(
-                    f"| {n} | {d} | {t['exp']:.3g} | {t['mm_bf16']:.3g} | {t['mm_fp32_ieee']:.3g} | "
-                    f"{t['mm_tf32x3']:.3g} | {t['hbm']:.2g} | {t['alu_est']:.3g} | **{t['floor_bf16']:.3g}** | "
-                    f"**{t['floor_fp32_tf32x3']:.3g}** | **{t['floor_fp32_ieee']:.3g}** | {sdpa_floor_ms(n, d, mode):.3g} |")
+                t = {k: v * 1e3 for k, v in times_ms(n, d, mode, elem_bytes=4).items()}  # µs
+                t["floor_bf16"] = times_ms(n, d, mode, elem_bytes=2)["floor_bf16"] * 1e3
+                cols = ("exp", "mm_bf16", "mm_fp32_ieee", "mm_tf32x3", "hbm", "alu_est")
+                floors = ("floor_bf16", "floor_fp32_tf32x3", "floor_fp32_ieee")
+                out.append(f"| {n} | {d} | " + " | ".join(fmt(t[c]) for c in cols) + " | "
+                           + " | ".join(f"**{fmt(t[c])}**" for c in floors)
+                           + f" | {fmt(sdpa_floor_ms(n, d, mode) * 1e3)} |")
     return "\n".join(out)
 
 
