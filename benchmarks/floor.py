@@ -71,6 +71,14 @@ def times_ms(n: int, d: int, mode: str = "fwd+bwd", elem_bytes: int = 2) -> dict
     return t
 
 
+def serial_ms(n: int, d: int, mode: str = "fwd+bwd") -> dict:
+    """No-overlap model: exponentials + other FP32 ops + matmuls, one after another (a first
+    kernel that does not overlap MUFU, ALU and tensor-core work). The basis of v1's prediction."""
+    t = times_ms(n, d, mode, elem_bytes=4)
+    rest = t["exp"] + t["alu_est"]
+    return {"bf16": rest + t["mm_bf16"], "fp32_tf32x3": rest + t["mm_tf32x3"], "fp32_ieee": rest + t["mm_fp32_ieee"]}
+
+
 def sdpa_floor_ms(n: int, d: int, mode: str = "fwd+bwd") -> float:
     """The bf16 flash-attention floor on (1, 1, N, D): 2 (+5) matmuls, N^2 (+N^2) exps."""
     matmuls = 2 if mode == "fwd" else 7
@@ -106,6 +114,12 @@ def tables(ns=GRID_N, ds=GRID_D) -> str:
                 out.append(f"| {n} | {d} | " + " | ".join(fmt(t[c]) for c in cols) + " | "
                            + " | ".join(f"**{fmt(t[c])}**" for c in floors)
                            + f" | {fmt(sdpa_floor_ms(n, d, mode) * 1e3)} |")
+    out += ["", "### No-overlap model in µs (exp + other FP32 ops + matmul, serial), fwd+bwd", "",
+            "| N | D | bf16 | fp32 tf32x3 | fp32 ieee |", "|---:|---:|---:|---:|---:|"]
+    for n in ns:
+        for d in ds:
+            m = serial_ms(n, d)
+            out.append(f"| {n} | {d} | {fmt(m['bf16'] * 1e3)} | {fmt(m['fp32_tf32x3'] * 1e3)} | {fmt(m['fp32_ieee'] * 1e3)} |")
     return "\n".join(out)
 
 
