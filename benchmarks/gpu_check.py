@@ -177,7 +177,8 @@ def main(argv=None) -> int:
         left = args.total_s - (time.monotonic() - t_start) - args.reserve_s
         budget = max(30.0, min(300.0, left))
         log(f"\n## 2. Benchmark (budget {budget:.0f} s)")
-        cmd = [sys.executable, RUN, "--budget-s", f"{budget:.0f}", "--output", json_path]
+        cmd = [sys.executable, os.path.relpath(RUN, ROOT), "--budget-s", f"{budget:.0f}",
+               "--output", os.path.relpath(json_path, ROOT)]
         if args.quick:
             cmd.append("--quick")
         cmd += args.bench_args.split()

@@ -57,6 +57,10 @@ OFFICIAL_LOOP_MAX_N = 2048
 Q90 = 1.2816
 
 
+class Unavailable(RuntimeError):
+    """The impl cannot run these inputs here (e.g. the Triton kernels are not installed)."""
+
+
 @dataclass
 class Inputs:
     n: int
@@ -211,7 +215,7 @@ FORWARDS: dict[str, Callable[[Inputs], torch.Tensor]] = {
 
 def make_step(impl: str, inputs: Inputs, mode: str) -> Callable[[], object]:
     """The callable to time for (impl, mode) on these inputs. Raises ValueError for an
-    unknown impl or mode and RuntimeError when the impl cannot run here (e.g. no kernels)."""
+    unknown impl or mode and Unavailable when the impl cannot run here (e.g. no kernels)."""
     if impl not in FORWARDS:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if mode not in MODES:
@@ -219,7 +223,7 @@ def make_step(impl: str, inputs: Inputs, mode: str) -> Callable[[], object]:
     if impl == "fused":
         reason = fused_unavailable_reason(inputs)
         if reason is not None:
-            raise RuntimeError(f"fused (backend='triton') unavailable: {reason}")
+            raise Unavailable(f"fused (backend='triton') unavailable: {reason}")
     if impl == "compiled":
         _allow_many_compiles()
     forward = FORWARDS[impl]

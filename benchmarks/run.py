@@ -480,13 +480,9 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             continue
-        except RuntimeError as err:
-            if "unavailable" in str(err):
-                skipped.append((tag, str(err)))
-                print(f"  skip {tag}: {err}", flush=True)
-            else:
-                errors.append((tag, f"{type(err).__name__}: {err}"))
-                print(f"  ERROR {tag}: {type(err).__name__}: {err}", flush=True)
+        except impls.Unavailable as err:
+            skipped.append((tag, str(err)))
+            print(f"  skip {tag}: {err}", flush=True)
             continue
         except Exception as err:  # noqa: BLE001 - report and go on with the other measurements
             errors.append((tag, f"{type(err).__name__}: {err}"))

@@ -210,3 +210,35 @@ def test_inputs_exercise_the_threshold():
         impls.make_step("nope", x, "fwd")
     with pytest.raises(ValueError):
         impls.make_step("eager", x, "bwd")
+
+
+def test_run_main_loop_with_a_fake_device(tmp_path, monkeypatch):
+    """run.main's loop (plan, skips, records, merge, table, plots) on CPU, with the CUDA calls
+    and the timer replaced: fake numbers into a temporary file, never into results/."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: SimpleNamespace(total_memory=2**30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    real_inputs = impls.make_inputs
+    monkeypatch.setattr(impls, "make_inputs", lambda n, d, dtype, seed=0: real_inputs(n, d, dtype, device="cpu", seed=seed))
+    calls = []
+    monkeypatch.setattr(run, "bench_ms", lambda step, **kw: (calls.append(step()), 1.5)[1])
+    monkeypatch.setattr(run, "peak_mib", lambda step: 2.5)
+    monkeypatch.setattr(impls, "fused_unavailable_reason", lambda x: "no kernels on the fake device")
+    out = tmp_path / "fake.json"
+    argv = ["--impls", "fused,eager,official-loop", "--N", "8,16", "--D", "4", "--dtypes", "float32",
+            "--output", str(out)]
+    assert run.main(argv) == 0
+    records = run.load_records(str(out))
+    assert {r["impl"] for r in records} == {"eager", "official-loop"}  # fused: skipped as unavailable
+    assert all(tuple(r) == run.RECORD_FIELDS and r["device"] == "Fake GPU" for r in records)
+    assert {(r["N"], r["mode"]) for r in records if r["impl"] == "eager"} == {(8, "fwd"), (8, "fwd+bwd"), (16, "fwd"), (16, "fwd+bwd")}
+    assert records[0]["command"].startswith("python benchmarks/run.py --impls")
+    assert (tmp_path / "fake-time.png").exists() and (tmp_path / "fake-memory.png").exists()
+    # A second run replaces its records instead of duplicating them; a spent budget measures nothing.
+    assert run.main(argv + ["--no-plot"]) == 0
+    assert len(run.load_records(str(out))) == len(records)
+    assert run.main(argv + ["--budget-s", "0"]) == 0
+    assert len(run.load_records(str(out))) == len(records)
