@@ -4,8 +4,8 @@
 respect to ``z`` and ``z_aug`` for the *hard* threshold, in float64, processing ``chunk`` rows
 at a time. It never holds more than a few ``(chunk, N)`` blocks, so it runs where the dense
 reference cannot: at N = 65536 the dense float64 N x N matrix alone is 34 GB, while this
-needs about ``6 * chunk * N * 8`` bytes (chunk = 4096: about 13 GB; pass a smaller chunk to
-use less).
+holds about three float64 ``(chunk, N)`` blocks and a few boolean ones at a time, roughly
+``4 * chunk * N * 8`` bytes (chunk = 4096 at N = 65536: about 9 GB; a smaller chunk uses less).
 
 The backward is SPEC.md's formula, not autograd. With G_ij = u_i dl_i/ds_ij (u_i the upstream
 gradient of row i's loss),
@@ -101,31 +101,42 @@ def chunked_loss_and_grads(
 
     losses = torch.empty(n, dtype=torch.float64, device=dev)
     dzn = torch.zeros_like(zn)
-    cols = torch.arange(n, device=dev)
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
         rows = torch.arange(start, stop, device=dev)
-        raw_c = zn[start:stop] @ zn.T  # (chunk, N)
-        c = raw_c.clamp(-1.0, 1.0) if opts.normalize else raw_c
-        s = c / tau
-        partner = cols[None, :] == ((rows + b) % n)[:, None]
-        cand = ~(partner | (cols[None, :] == rows[:, None]))
-        extra = torch.zeros_like(cand)
+        local = torch.arange(stop - start, device=dev)
+        pcol = (rows + b) % n  # each row's partner column
+        c = zn[start:stop] @ zn.T  # (chunk, N); the float64 blocks alive at once are c, s, e/g
+        inside = None
+        if opts.normalize:
+            inside = (c >= -1.0) & (c <= 1.0)  # the clamp passes gradient only here (as autograd)
+            c.clamp_(-1.0, 1.0)
+        partner = torch.zeros_like(c, dtype=torch.bool)
+        partner[local, pcol] = True
+        cand = ~partner
+        cand[local, rows] = False
         if k_rows is not None:
             extra = c > k_rows[start:stop, None]
+        else:
+            extra = torch.zeros_like(cand)
         if lab is not None:
-            extra = extra | (lab[start:stop, None] == lab[None, :])
+            extra |= lab[start:stop, None] == lab[None, :]
         extra &= cand
-        den = partner | (cand if opts.denominator == "all" else cand & ~extra)
+        s = c.div_(tau)  # c is not needed any more: s takes its storage
+        den = cand if opts.denominator == "all" else cand & ~extra
+        den |= partner
+        del cand
 
-        s_den = torch.where(den, s, float("-inf"))
-        shift = s_den.amax(dim=1, keepdim=True)
-        e = torch.exp(s_den - shift)  # zero outside Den(i)
+        e = torch.where(den, s, float("-inf"))
+        del den
+        shift = e.amax(dim=1, keepdim=True)
+        e.sub_(shift).exp_()  # exp(s - shift) on Den(i), 0 elsewhere
         lse = shift.squeeze(1) + torch.log(e.sum(dim=1))
-        s_p = s[torch.arange(stop - start, device=dev), (rows + b) % n]
+        s_p = s[local, pcol]
         m = extra.sum(dim=1).to(torch.float64)
         guard = m.clamp(min=1.0)
-        sum_a = torch.where(extra, s, 0.0).sum(dim=1)
+        sum_a = (s * extra).sum(dim=1)
+        del s
         if opts.weighting == "normalized":
             loss = alpha * (lse - s_p) + (1.0 - alpha) / guard * (m * lse - sum_a)
             w_extra = (1.0 - alpha) / guard
@@ -138,15 +149,16 @@ def chunked_loss_and_grads(
             total = 1.0 + m
         losses[start:stop] = loss
 
-        u = u_all[start:stop]
         # G = u_i (W_i softmax_Den(i) - w_ij), then through s = c / tau and the clamp.
-        g = (total * torch.exp(shift.squeeze(1) - lse))[:, None] * e
-        g = g - torch.where(extra, w_extra[:, None], 0.0) - torch.where(partner, w_partner[:, None], 0.0)
-        g = g * (u / tau)[:, None]
-        if opts.normalize:
-            g = torch.where((raw_c >= -1.0) & (raw_c <= 1.0), g, 0.0)
+        g = e.mul_((total * torch.exp(shift.squeeze(1) - lse))[:, None])
+        g.sub_(extra * w_extra[:, None])
+        g[local, pcol] -= w_partner
+        g.mul_((u_all[start:stop] / tau)[:, None])
+        if inside is not None:
+            g.mul_(inside)
         dzn[start:stop] += g @ zn  # row use of Zhat_I
         dzn += g.T @ zn[start:stop]  # column use: Zhat_j appears in row I's logits
+        del g, e, extra, partner, inside
 
     if opts.normalize:
         # zhat = z / max(|z|, eps): Jacobian (dzhat - zhat <zhat, dzhat>) / |z| where |z| >= eps,
