@@ -1,0 +1,267 @@
+"""SimThres: the similarity threshold of AdaptiveRec, statistical or learned.
+
+``SimilarityStats`` gathers, per epoch, the cosine similarities c_ij over each row's candidate
+set N(i) (j != i, j != partner) of the 2B contrastive views, entirely on the device (no host
+sync per step), and gives the epoch's k_stat in two ways:
+
+- ``"pooled"`` (SPEC.md's k_stat, the default): the percentile of all pooled c_ij, read from a
+  fixed-bin histogram on [-1, 1] (``bins=2048``, width ~1e-3; the answer is within one bin
+  width of the exact percentile, interpolated inside the bin);
+- ``"batch_mean"`` (the released AdaptiveRec code): the mean of the per-batch exact
+  percentiles (``kthvalue``, linear interpolation as ``torch.quantile``, which itself refuses
+  more than 2^24 values).
+
+Thresholds: ``StatisticalSimThres`` uses the previous epoch's k_stat (0 before the first
+epoch); ``LearnableSimThres`` wraps a network g (``ThresholdNet``, any batch size, or the
+authors' ``FlattenedThresholdNet``) regularised towards k_stat from the second epoch on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KSTAT_METHODS = ("pooled", "batch_mean")
+#: Thresholds are scaled to (-1.05, 1.05): slightly beyond the cosine range, so g can switch
+#: positives fully off (k > 1) or make every candidate positive (k < -1).
+THRESHOLD_RANGE = 1.05
+
+
+def candidate_similarities(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities over N(i) of the N = 2B stacked views: ``(N, N - 2)``.
+
+    Built with a gather of precomputable column indices, not boolean indexing, which would
+    make the device report a data-dependent size to the host.
+    """
+    if z.dim() != 2 or z.shape != z_aug.shape or len(z) < 2:
+        raise ValueError(
+            f"z and z_aug must be equal (B, D) with B >= 2, got {tuple(z.shape)}, "
+            f"{tuple(z_aug.shape)}"
+        )
+    zn = F.normalize(torch.cat([z, z_aug]).float(), dim=1)
+    c = (zn @ zn.T).clamp(-1.0, 1.0)
+    n, b = len(zn), len(z)
+    rows = torch.arange(n, device=z.device)[:, None]
+    # Row i takes columns (i + 1 + t) mod N for t = 0..N-2 (everything but itself); its
+    # partner (i + B) mod N is always at t = B - 1, so that offset is left out.
+    t = torch.cat([torch.arange(b - 1), torch.arange(b, n - 1)]).to(z.device)
+    cols = (rows + 1 + t[None, :]) % n
+    return c.gather(1, cols)
+
+
+def exact_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of ``values`` with linear interpolation (``torch.quantile``'s default),
+    via ``kthvalue`` so it works beyond 2^24 values. Returns a 0-d tensor on the device."""
+    flat = values.reshape(-1).float()
+    if flat.numel() == 0:
+        raise ValueError("values is empty")
+    pos = q * (flat.numel() - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, flat.numel() - 1)
+    a = flat.kthvalue(lo + 1).values
+    b = flat.kthvalue(hi + 1).values if hi != lo else a
+    return a + (pos - lo) * (b - a)
+
+
+def _check_q(q: float) -> float:
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    return float(q)
+
+
+class SimilarityStats:
+    """Per-epoch statistics of the candidate similarities, accumulated on the device.
+
+    Args:
+        q: the percentile as a fraction (0.9 = the paper's 90th percentile).
+        bins: histogram bins on [-1, 1] (the pooled percentile is within 2 / bins of exact).
+        device: where the accumulators live (the training device).
+        batch_percentiles: also compute each batch's exact percentile (needed for
+            ``"batch_mean"``; one ``kthvalue`` over the batch's N(N-2) values per step).
+    """
+
+    def __init__(
+        self,
+        q: float = 0.9,
+        bins: int = 2048,
+        device: torch.device | str = "cpu",
+        batch_percentiles: bool = True,
+    ) -> None:
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+            raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+        self.q = _check_q(q)
+        self.bins = bins
+        self.device = torch.device(device)
+        self.batch_percentiles = batch_percentiles
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.counts = torch.zeros(self.bins, dtype=torch.int64, device=self.device)
+        self.batch_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.num_batches = 0
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, z_aug: torch.Tensor) -> None:
+        """Add one batch's candidate similarities (the two views of the contrastive loss)."""
+        c = candidate_similarities(z.detach(), z_aug.detach()).reshape(-1)
+        index = ((c + 1.0) * (self.bins / 2.0)).long().clamp_(0, self.bins - 1)
+        self.counts.scatter_add_(0, index, torch.ones_like(index))
+        if self.batch_percentiles:
+            self.batch_sum += exact_percentile(c, self.q).double()
+        self.num_batches += 1
+
+    def percentile(self, method: str = "pooled") -> float:
+        """The epoch's k_stat (one host sync): ``"pooled"`` or ``"batch_mean"``."""
+        if method not in KSTAT_METHODS:
+            raise ValueError(f"method must be one of {KSTAT_METHODS}, got {method!r}")
+        if self.num_batches == 0:
+            raise ValueError("no batch was recorded this epoch")
+        if method == "batch_mean":
+            if not self.batch_percentiles:
+                raise ValueError("batch_mean needs SimilarityStats(batch_percentiles=True)")
+            return float(self.batch_sum) / self.num_batches
+        counts = self.counts.double().cpu()
+        total = float(counts.sum())
+        rank = self.q * (total - 1)  # 0-based position in the sorted values
+        cum = counts.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=torch.float64), right=True))
+        b = min(b, self.bins - 1)
+        before = float(cum[b] - counts[b])
+        inside = min(max((rank - before + 0.5) / max(float(counts[b]), 1.0), 0.0), 1.0)
+        width = 2.0 / self.bins
+        return -1.0 + (b + inside) * width
+
+    def histogram(self, bins: int = 64) -> list[int]:
+        """The epoch's counts coarsened to ``bins`` equal bins on [-1, 1] (for plots)."""
+        if self.bins % bins:
+            raise ValueError(f"bins must divide {self.bins}, got {bins!r}")
+        return self.counts.view(bins, -1).sum(1).tolist()
+
+    def state_dict(self) -> dict:
+        return {"counts": self.counts.clone(), "batch_sum": self.batch_sum.clone(),
+                "num_batches": self.num_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = state["counts"].to(self.device)
+        self.batch_sum = state["batch_sum"].to(self.device)
+        self.num_batches = int(state["num_batches"])
+
+
+class StatisticalSimThres:
+    """k for epoch e = k_stat of epoch e - 1; 0 before the first epoch (AdaptiveRec 3.2.1)."""
+
+    def __init__(self) -> None:
+        self.k = 0.0
+
+    def update(self, k_stat: float) -> None:
+        self.k = float(k_stat)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.full((), self.k, device=h.device)
+
+    def state_dict(self) -> dict:
+        return {"k": self.k}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k = float(state["k"])
+
+
+class ThresholdNet(nn.Module):
+    """Default g: one threshold per row from that row's representation and the batch's
+    mean and standard deviation, so k reflects the batch composition (the paper's point)
+    while working for any batch size, including a smaller last batch.
+
+    ``(B, H) -> (B,)``, each in (-1.05, 1.05) via ``1.05 * tanh``.
+    """
+
+    def __init__(self, hidden: int, width: int = 64) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3 * hidden, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 2:
+            raise ValueError(f"h must be (B, H), got shape {tuple(h.shape)}")
+        mean = h.mean(0, keepdim=True).expand_as(h)
+        std = h.std(0, unbiased=False, keepdim=True).expand_as(h)
+        return THRESHOLD_RANGE * torch.tanh(self.mlp(torch.cat([h, mean, std], 1)).squeeze(1))
+
+
+class FlattenedThresholdNet(nn.Module):
+    """The released AdaptiveRec g: the whole batch flattened, Linear(B*H -> B*H/8) ->
+    Linear(-> B) -> sigmoid, scaled to (-1.05, 1.05).
+
+    Faithful but costly: B*H*B*H/8 weights (537M at B=1024, H=64) and a fixed batch size, so
+    a run using it must drop the partial last batch.
+    """
+
+    def __init__(self, batch_size: int, hidden: int) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        width = max(batch_size * hidden // 8, 1)
+        self.batch_size = batch_size
+        self.hidden = hidden
+        self.net = nn.Sequential(nn.Linear(batch_size * hidden, width),
+                                 nn.Linear(width, batch_size))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape != (self.batch_size, self.hidden):
+            raise ValueError(
+                f"FlattenedThresholdNet was built for batches of shape ({self.batch_size}, "
+                f"{self.hidden}), got {tuple(h.shape)}; drop the partial last batch "
+                f"(drop_last=True) or use ThresholdNet, which takes any batch size"
+            )
+        s = torch.sigmoid(self.net(h.reshape(1, -1)).squeeze(0))
+        return THRESHOLD_RANGE * (2.0 * s - 1.0)
+
+
+class LearnableSimThres(nn.Module):
+    """k_learn = g(batch representations), regularised towards the previous epoch's k_stat.
+
+    Args:
+        net: ``ThresholdNet`` or ``FlattenedThresholdNet``.
+        weight: regularizer weight (0.1).
+        squared: ``weight * ||k - k_stat||_2^2`` (the paper) instead of the unsquared norm (the
+            released code, the default).
+        detach_input: feed g detached representations, so the regularizer trains g only and
+            does not pull the encoder towards making g's output match k_stat.
+    """
+
+    def __init__(
+        self, net: nn.Module, weight: float = 0.1, squared: bool = False, detach_input: bool = True
+    ) -> None:
+        super().__init__()
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight!r}")
+        self.net = net
+        self.weight = float(weight)
+        self.squared = squared
+        self.detach_input = detach_input
+        self.register_buffer("k_stat", torch.zeros(()))
+        self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.int64))
+        self._seen = 0  # host mirror of epochs_seen, so forward passes never read the device
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.detach() if self.detach_input else h)
+
+    def update(self, k_stat: float) -> None:
+        """End of an epoch: the new control value k_stat."""
+        self.k_stat.fill_(float(k_stat))
+        self._seen += 1
+        self.epochs_seen.fill_(self._seen)
+
+    def regularizer(self, k: torch.Tensor) -> torch.Tensor:
+        """``weight * ||k - k_stat||_2`` (squared if asked); zero in the first epoch, when no
+        k_stat exists yet."""
+        if self._seen == 0:
+            return torch.zeros((), device=k.device)
+        d = torch.linalg.vector_norm(k.float() - self.k_stat)
+        return self.weight * (d.square() if self.squared else d)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seen = int(self.epochs_seen)
