@@ -1,0 +1,194 @@
+"""Training objectives: SASRec, CL4SRec, DuoRec and AdaptiveRec, one small module each.
+
+Each objective maps ``(model, batch, generator)`` to an :class:`ObjectiveOutput`: the total
+loss, its logged parts (device tensors, never read back here), and the contrastive view pair
+and thresholds for the epoch statistics. Every contrastive term goes through
+``adaptive_info_nce``: plain InfoNCE/NT-Xent is ``k=None, positive_weight=1``; DuoRec's dot
+similarity is ``normalize=False``; CL4SRec's and AdaptiveRec's cosine is ``normalize=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .. import adaptive_info_nce
+from .augment import Augmenter
+from .model import SASRec
+from .simthres import LearnableSimThres, StatisticalSimThres
+
+CONTRASTS = ("un", "su", "us_x")
+
+
+@dataclass
+class Batch:
+    """One training batch; ``positives`` holds the inputs of a same-target sample per row
+    (DuoRec's supervised view), present when the objective's ``needs_positives`` is set."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positives: torch.Tensor | None = None
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
+    k: torch.Tensor | None = None
+
+
+def _check_weight(weight: float) -> float:
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight!r}")
+    return float(weight)
+
+
+def _check_temperature(temperature: float) -> float:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    return float(temperature)
+
+
+class SASRecObjective(nn.Module):
+    """Next-item cross-entropy only."""
+
+    needs_positives = False
+
+    def forward(
+        self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
+        ce = model.loss(model(batch.inputs), batch.targets)
+        return ObjectiveOutput(ce, {"ce": ce.detach()})
+
+
+class CL4SRecObjective(nn.Module):
+    """CE + weight * InfoNCE(cosine / temperature) between two views from two distinct random
+    augmentations of each sequence (the CE uses the unaugmented sequence)."""
+
+    needs_positives = False
+
+    def __init__(
+        self, augmenter: Augmenter, weight: float = 0.1, temperature: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.augmenter = augmenter
+        self.weight = _check_weight(weight)
+        self.temperature = _check_temperature(temperature)
+
+    def forward(
+        self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
+        if model.mask_token != self.augmenter.mask_token:
+            raise ValueError("CL4SRec's mask augmentation needs SASRec(mask_token=True)")
+        ce = model.loss(model(batch.inputs), batch.targets)
+        v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)
+        z1, z2 = model(v1), model(v2)
+        cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature, normalize=True,
+                               positive_weight=1.0)
+        loss = ce + self.weight * cl
+        return ObjectiveOutput(loss, {"ce": ce.detach(), "cl": cl.detach()}, (z1, z2))
+
+
+class DuoRecObjective(nn.Module):
+    """DuoRec: CE + weight * InfoNCE over a pair of views chosen by ``contrast``.
+
+    - ``"un"``: the CE pass vs a second dropout pass of the same sequence;
+    - ``"su"``: the CE pass vs a same-target sequence;
+    - ``"us_x"`` (DuoRec's default): a second dropout pass vs the same-target sequence.
+
+    ``normalize=False`` is DuoRec's dot-product similarity.
+    """
+
+    needs_positives = True
+
+    def __init__(
+        self,
+        contrast: str = "us_x",
+        weight: float = 0.1,
+        temperature: float = 1.0,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if contrast not in CONTRASTS:
+            raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+        self.contrast = contrast
+        self.weight = _check_weight(weight)
+        self.temperature = _check_temperature(temperature)
+        self.normalize = normalize
+        self.needs_positives = contrast != "un"
+
+    def pair(self, model: SASRec, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The two views of the contrastive term, given the CE pass ``h``."""
+        if self.contrast != "un" and batch.positives is None:
+            raise ValueError(f"contrast {self.contrast!r} needs batch.positives")
+        if self.contrast == "un":
+            return h, model(batch.inputs)
+        if self.contrast == "su":
+            return h, model(batch.positives)
+        return model(batch.inputs), model(batch.positives)
+
+    def contrastive(
+        self, z1: torch.Tensor, z2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(contrastive loss, threshold regularizer or None, thresholds or None)."""
+        cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature,
+                               normalize=self.normalize, positive_weight=1.0)
+        return cl, None, None
+
+    def forward(
+        self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
+    ) -> ObjectiveOutput:
+        h = model(batch.inputs)
+        ce = model.loss(h, batch.targets)
+        z1, z2 = self.pair(model, batch, h)
+        cl, reg, k = self.contrastive(z1, z2)
+        loss = ce + self.weight * cl
+        parts = {"ce": ce.detach(), "cl": cl.detach()}
+        if reg is not None:
+            loss = loss + reg
+            parts["reg"] = reg.detach()
+        return ObjectiveOutput(loss, parts, (z1, z2), k)
+
+
+class AdaptiveRecObjective(DuoRecObjective):
+    """AdaptiveRec: DuoRec (``us_x`` by default) with the threshold-adaptive loss of SPEC.md.
+
+    ``simthres``: None (no threshold: alpha * NT-Xent under "normalized"), a
+    ``StatisticalSimThres`` (one k per epoch) or a ``LearnableSimThres`` (one k per row; its
+    regularizer joins the loss from the second epoch on). The remaining arguments go to
+    ``adaptive_info_nce``; the defaults are the paper's cosine, tau = 1, alpha = 0.5.
+    """
+
+    def __init__(
+        self,
+        simthres: StatisticalSimThres | LearnableSimThres | None,
+        contrast: str = "us_x",
+        weight: float = 0.1,
+        temperature: float = 1.0,
+        normalize: bool = True,
+        positive_weight: float = 0.5,
+        denominator: str = "negatives",
+        weighting: str = "normalized",
+        threshold: str = "hard",
+        threshold_scale: float = 0.05,
+    ) -> None:
+        super().__init__(contrast, weight, temperature, normalize)
+        self.simthres = simthres
+        self.loss_options = dict(
+            temperature=self.temperature, normalize=normalize, positive_weight=positive_weight,
+            denominator=denominator, weighting=weighting, threshold=threshold,
+            threshold_scale=threshold_scale,
+        )
+        if threshold == "soft" and simthres is None:
+            raise ValueError("threshold='soft' needs a simthres (k is None otherwise)")
+
+    def contrastive(
+        self, z1: torch.Tensor, z2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        k = None if self.simthres is None else self.simthres(z1)
+        cl = adaptive_info_nce(z1, z2, k, **self.loss_options)
+        reg = self.simthres.regularizer(k) if isinstance(self.simthres, LearnableSimThres) else None
+        return cl, reg, k
