@@ -316,6 +316,16 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
+def cuda_alive() -> bool:
+    """False once a kernel fault has poisoned the CUDA context (every later call would fail)."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the context is unusable
+        return False
+
+
 # ----------------------------------------------------------------------------- plan
 def _csv(kind, choices=None):
     def parse(text):
@@ -449,13 +459,16 @@ def main(argv=None) -> int:
     records, skipped, errors = [], [], []
     compiled_shapes: set[tuple] = set()
     inputs_key, inputs = None, None
-    for impl, n, d, dt, mode in plan:
+    for index, (impl, n, d, dt, mode) in enumerate(plan):
         dtype = impls.DTYPES[dt]
         tag = f"{impl} N={n} D={d} {dt} {mode}"
         left = deadline - time.monotonic()
+        if left <= 0:
+            rest = plan[index:]
+            skipped += [(f"{c[0]} N={c[1]} D={c[2]} {c[3]} {c[4]}", "time budget spent") for c in rest]
+            print(f"  time budget spent: {len(rest)} measurements not taken (from {tag} on)", flush=True)
+            break
         reason = impls.skip_reason(impl, n, d, dtype, mode, props.total_memory)
-        if reason is None and left <= 0:
-            reason = "time budget spent"
         if reason is None and impl == "compiled" and (n, d, dt) not in compiled_shapes and left < args.compile_reserve_s:
             reason = f"only {left:.0f} s left: not enough to compile a new shape"
         if reason is not None:
@@ -487,6 +500,9 @@ def main(argv=None) -> int:
         except Exception as err:  # noqa: BLE001 - report and go on with the other measurements
             errors.append((tag, f"{type(err).__name__}: {err}"))
             print(f"  ERROR {tag}: {type(err).__name__}: {err}", flush=True)
+            if not cuda_alive():
+                print("  the CUDA context is broken (e.g. an illegal memory access): stopping here", flush=True)
+                break
             continue
         if impl == "compiled":
             compiled_shapes.add((n, d, dt))

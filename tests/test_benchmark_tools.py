@@ -242,3 +242,16 @@ def test_run_main_loop_with_a_fake_device(tmp_path, monkeypatch):
     assert len(run.load_records(str(out))) == len(records)
     assert run.main(argv + ["--budget-s", "0"]) == 0
     assert len(run.load_records(str(out))) == len(records)
+    # An impl that raises is reported (exit 1) and the others are still recorded.
+    real_step = impls.make_step
+
+    def broken(impl, x, mode):
+        if impl == "official-loop":
+            raise ArithmeticError("planted failure")
+        return real_step(impl, x, mode)
+
+    monkeypatch.setattr(impls, "make_step", broken)
+    monkeypatch.setattr(run, "cuda_alive", lambda: True)
+    out2 = tmp_path / "errors.json"
+    assert run.main(argv[:-1] + [str(out2), "--no-plot"]) == 1
+    assert {r["impl"] for r in run.load_records(str(out2))} == {"eager"}
