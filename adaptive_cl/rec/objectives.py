@@ -71,12 +71,17 @@ class CL4SRecObjective(nn.Module):
     needs_positives = False
 
     def __init__(
-        self, augmenter: Augmenter, weight: float = 0.1, temperature: float = 1.0
+        self,
+        augmenter: Augmenter,
+        weight: float = 0.1,
+        temperature: float = 1.0,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.augmenter = augmenter
         self.weight = _check_weight(weight)
         self.temperature = _check_temperature(temperature)
+        self.backend = backend
 
     def forward(
         self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
@@ -87,7 +92,7 @@ class CL4SRecObjective(nn.Module):
         v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)
         z1, z2 = model(v1), model(v2)
         cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature, normalize=True,
-                               positive_weight=1.0)
+                               positive_weight=1.0, backend=self.backend)
         loss = ce + self.weight * cl
         return ObjectiveOutput(loss, {"ce": ce.detach(), "cl": cl.detach()}, (z1, z2))
 
@@ -99,7 +104,8 @@ class DuoRecObjective(nn.Module):
     - ``"su"``: the CE pass vs a same-target sequence;
     - ``"us_x"`` (DuoRec's default): a second dropout pass vs the same-target sequence.
 
-    ``normalize=False`` is DuoRec's dot-product similarity.
+    ``normalize=False`` is DuoRec's dot-product similarity; ``backend`` goes to
+    ``adaptive_info_nce``.
     """
 
     needs_positives = True
@@ -110,6 +116,7 @@ class DuoRecObjective(nn.Module):
         weight: float = 0.1,
         temperature: float = 1.0,
         normalize: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if contrast not in CONTRASTS:
@@ -118,6 +125,7 @@ class DuoRecObjective(nn.Module):
         self.weight = _check_weight(weight)
         self.temperature = _check_temperature(temperature)
         self.normalize = normalize
+        self.backend = backend
         self.needs_positives = contrast != "un"
 
     def pair(self, model: SASRec, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -135,7 +143,8 @@ class DuoRecObjective(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(contrastive loss, threshold regularizer or None, thresholds or None)."""
         cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature,
-                               normalize=self.normalize, positive_weight=1.0)
+                               normalize=self.normalize, positive_weight=1.0,
+                               backend=self.backend)
         return cl, None, None
 
     def forward(
@@ -174,13 +183,14 @@ class AdaptiveRecObjective(DuoRecObjective):
         weighting: str = "normalized",
         threshold: str = "hard",
         threshold_scale: float = 0.05,
+        backend: str = "auto",
     ) -> None:
-        super().__init__(contrast, weight, temperature, normalize)
+        super().__init__(contrast, weight, temperature, normalize, backend)
         self.simthres = simthres
         self.loss_options = dict(
             temperature=self.temperature, normalize=normalize, positive_weight=positive_weight,
             denominator=denominator, weighting=weighting, threshold=threshold,
-            threshold_scale=threshold_scale,
+            threshold_scale=threshold_scale, backend=backend,
         )
         if threshold == "soft" and simthres is None:
             raise ValueError("threshold='soft' needs a simthres (k is None otherwise)")
