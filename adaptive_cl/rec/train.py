@@ -1,0 +1,526 @@
+"""The seeded, resumable training loop of every method.
+
+One epoch = a shuffled pass over the training samples; after it the loop syncs with the device
+once (losses are accumulated on the device), evaluates on the validation users, updates SimThres
+from the epoch's similarity statistics, and writes a checkpoint atomically. Early stopping
+watches validation NDCG@10; the test metrics come from the best epoch's weights.
+
+Resuming from ``out_dir/checkpoint.pt`` restores the model, optimizer, scheduler, thresholds,
+statistics, every RNG (python, numpy, torch, CUDA, and the generator used for shuffling,
+same-target sampling and augmentation), the history and the early-stopping state, so on the CPU
+a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .augment import Augmenter
+from .data import LeaveOneOutSplit
+from .metrics import alignment, evaluate_full_ranking, uniformity
+from .model import SASRec
+from .objectives import (
+    CONTRASTS,
+    AdaptiveRecObjective,
+    Batch,
+    CL4SRecObjective,
+    DuoRecObjective,
+    SASRecObjective,
+)
+from .simthres import (
+    KSTAT_METHODS,
+    FlattenedThresholdNet,
+    LearnableSimThres,
+    SimilarityStats,
+    StatisticalSimThres,
+    ThresholdNet,
+)
+
+METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec")
+SIMTHRES = ("none", "statistical", "learnable", "learnable-flat")
+PRESETS = ("default", "paper")
+SCHEDULES = ("constant", "cosine")
+SIMILARITIES = ("auto", "cos", "dot")
+CHECKPOINT = "checkpoint.pt"
+#: Fields a resumed run may change; everything else must match the checkpoint's config.
+RESUMABLE_CHANGES = ("epochs", "patience", "progress")
+HISTOGRAM_BINS = 64
+
+#: What the "paper" preset changes: the released AdaptiveRec configuration (METHODS.md).
+PAPER_PRESET = dict(
+    batch_size=1024,
+    drop_last=True,
+    lr_schedule="cosine",
+    simthres="learnable-flat",
+    reg_squared=False,
+    denominator="all",
+    weighting="normalized",
+    kstat_method="batch_mean",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run (recorded in the results). Defaults = METHODS.md's."""
+
+    method: str = "adaptiverec"
+    contrast: str = "us_x"
+    simthres: str = "statistical"
+    preset: str = "default"
+    epochs: int = 50
+    batch_size: int = 256
+    drop_last: bool = False
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    max_len: int = 50
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    cl_weight: float = 0.1
+    temperature: float = 1.0
+    similarity: str = "auto"  # DuoRec: dot; CL4SRec and AdaptiveRec: cos
+    positive_weight: float = 0.5
+    denominator: str = "negatives"
+    weighting: str = "normalized"
+    threshold: str = "hard"
+    threshold_scale: float = 0.05
+    kstat_method: str = "pooled"
+    kstat_percentile: float = 0.9
+    kstat_bins: int = 2048
+    reg_weight: float = 0.1
+    reg_squared: bool = False
+    threshold_width: int = 64
+    crop: float = 0.6
+    mask: float = 0.3
+    reorder: float = 0.6
+    patience: int = 10
+    eval_batch_size: int = 1024
+    mask_history: bool = False
+    seed: int = 2024
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast, CUDA only
+    record_histograms: bool = False
+    holdout_size: int = 512
+    loss_backend: str = "auto"
+    progress: bool = True
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
+        """The ``"default"`` (METHODS.md) or ``"paper"`` (released AdaptiveRec) configuration,
+        with ``overrides`` applied on top."""
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+        base = dict(PAPER_PRESET) if preset == "paper" else {}
+        config = cls(**{**base, **overrides, "preset": preset})
+        config.validate()
+        return config
+
+    @property
+    def normalize(self) -> bool:
+        """Cosine similarity in the contrastive loss (False = DuoRec's dot product)."""
+        if self.similarity == "auto":
+            return self.method != "duorec"
+        return self.similarity == "cos"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        choices = dict(method=METHODS, contrast=CONTRASTS, simthres=SIMTHRES, preset=PRESETS,
+                       lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
+                       denominator=("negatives", "all"), weighting=("normalized", "unit"),
+                       threshold=("hard", "soft"),
+                       loss_backend=("auto", "reference", "compiled", "triton"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "max_len", "hidden", "layers", "heads", "inner",
+                     "kstat_bins", "threshold_width", "patience", "eval_batch_size",
+                     "holdout_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "temperature", "threshold_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "cl_weight", "reg_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("kstat_percentile", "crop", "mask", "reorder"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.simthres == "learnable-flat" and not self.drop_last:
+            raise ValueError("simthres='learnable-flat' has a fixed batch size: set drop_last=True")
+        if self.threshold == "soft" and self.simthres == "none":
+            raise ValueError("threshold='soft' needs a simthres other than 'none'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in
+    the same directory, fsync it, ``os.replace`` it over ``path``, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _rng_state(generator: torch.Generator) -> dict:
+    """Every RNG the run draws from, in tensors and plain values (``weights_only`` loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict, generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+class Trainer:
+    """Train one method on a leave-one-out split (see :func:`train`)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        split: LeaveOneOutSplit,
+        out_dir: str | Path | None = None,
+        *,
+        dataset: str = "synthetic",
+        callback: Callable[[dict], None] | None = None,
+    ) -> None:
+        config.validate()
+        if config.max_len != split.max_len:
+            raise ValueError(f"config.max_len={config.max_len} but the split was built with "
+                             f"max_len={split.max_len}")
+        self.config = config
+        self.split = split
+        self.dataset = dataset
+        self.callback = callback
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = torch.device(config.device)
+        self.amp = config.amp and self.device.type == "cuda"
+
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+
+        self.model = SASRec(
+            split.num_items, split.max_len, mask_token=config.method == "cl4srec",
+            hidden=config.hidden, layers=config.layers, heads=config.heads, inner=config.inner,
+            dropout=config.dropout, attn_dropout=config.attn_dropout,
+        ).to(self.device)
+        self.objective = self._build_objective().to(self.device)
+        self.optimizer = torch.optim.Adam(
+            [*self.model.parameters(), *self.objective.parameters()],
+            lr=config.lr, weight_decay=config.weight_decay,
+        )
+        self.scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+            if config.lr_schedule == "cosine" else None
+        )
+        self.stats = SimilarityStats(config.kstat_percentile, config.kstat_bins, self.device)
+
+        self.train_inputs = split.train_inputs.to(self.device)
+        self.train_targets = split.train_targets.to(self.device)
+        self.same_target = split.same_target.to(self.device)
+        # A fixed held-out batch of training sequences and same-target partners for the
+        # per-epoch uniformity / alignment, drawn from its own generator.
+        held = torch.Generator().manual_seed(config.seed + 1)
+        n = min(config.holdout_size, split.num_train)
+        self.holdout = torch.randperm(split.num_train, generator=held)[:n]
+        self.holdout_partner = split.same_target.sample(self.holdout, held)
+
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+
+    def _build_objective(self) -> torch.nn.Module:
+        c = self.config
+        if c.method == "sasrec":
+            return SASRecObjective()
+        if c.method == "cl4srec":
+            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder)
+            return CL4SRecObjective(augmenter, c.cl_weight, c.temperature, c.loss_backend)
+        if c.method == "duorec":
+            return DuoRecObjective(c.contrast, c.cl_weight, c.temperature, c.normalize,
+                                   c.loss_backend)
+        simthres: StatisticalSimThres | LearnableSimThres | None = None
+        if c.simthres == "statistical":
+            simthres = StatisticalSimThres()
+        elif c.simthres == "learnable":
+            simthres = LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width),
+                                         c.reg_weight, c.reg_squared)
+        elif c.simthres == "learnable-flat":
+            simthres = LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden),
+                                         c.reg_weight, c.reg_squared)
+        return AdaptiveRecObjective(
+            simthres, c.contrast, c.cl_weight, c.temperature, c.normalize, c.positive_weight,
+            c.denominator, c.weighting, c.threshold, c.threshold_scale, c.loss_backend,
+        )
+
+    @property
+    def simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
+        return getattr(self.objective, "simthres", None)
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        simthres = self.simthres
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "statistical_simthres": simthres.state_dict()
+            if isinstance(simthres, StatisticalSimThres) else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "stats": self.stats.state_dict(),
+            "rng": _rng_state(self.generator),
+            "history": self.history,
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch,
+                     "state": self.best_state, "bad_epochs": self.bad_epochs},
+            "train_seconds": self.train_seconds,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = dict(state["config"])
+        current = self.config.to_dict()
+        differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
+        if differ:
+            raise ValueError(
+                "the checkpoint was written with a different config: "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ)
+            )
+        self.epoch = state["epoch"]
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        if state["statistical_simthres"] is not None:
+            self.simthres.load_state_dict(state["statistical_simthres"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.stats.load_state_dict(state["stats"])
+        _set_rng_state(state["rng"], self.generator)
+        self.history = list(state["history"])
+        best = state["best"]
+        self.best_metric, self.best_epoch = best["metric"], best["epoch"]
+        self.best_state, self.bad_epochs = best["state"], best["bad_epochs"]
+        self.train_seconds = state["train_seconds"]
+
+    def save_checkpoint(self) -> None:
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+
+    def resume(self) -> None:
+        """Continue from ``out_dir/checkpoint.pt``. Load only checkpoints you trust; they are
+        read with ``weights_only=True`` all the same."""
+        if self.out_dir is None:
+            raise ValueError("resume needs an out_dir holding checkpoint.pt")
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            raise ValueError(f"resume: no checkpoint at {path}")
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # --------------------------------------------------------------------------- training
+
+    def _autocast(self):
+        return torch.autocast("cuda", torch.bfloat16, enabled=self.amp)
+
+    def _batches(self) -> list[torch.Tensor]:
+        c, n = self.config, self.split.num_train
+        order = torch.randperm(n, generator=self.generator, device=self.device)
+        stop = n - n % c.batch_size if c.drop_last else n
+        if stop == 0:
+            raise ValueError(f"drop_last with batch_size={c.batch_size} leaves no batch of the "
+                             f"{n} training samples")
+        return list(order[:stop].split(c.batch_size))
+
+    def train_epoch(self) -> dict:
+        """One pass over the training data; returns the epoch's mean loss parts etc.
+        (the only host syncs are at the end)."""
+        self.model.train()
+        self.objective.train()
+        self.stats.reset()
+        sums: dict[str, torch.Tensor] = {}
+        k_sum = torch.zeros((), device=self.device)
+        has_k = False
+        batches = self._batches()
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False,
+                   disable=not self.config.progress)
+        for idx in bar:
+            positives = None
+            if self.objective.needs_positives:
+                positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
+            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
+            with self._autocast():
+                out = self.objective(self.model, batch, self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            for name, value in {"loss": out.loss.detach(), **out.parts}.items():
+                sums[name] = sums.get(name, 0) + value.float()
+            if out.views is not None:
+                self.stats.update(*out.views)
+            if out.k is not None:
+                k_sum = k_sum + out.k.detach().float().mean()
+                has_k = True
+        if self.scheduler is not None:
+            self.scheduler.step()
+        row = {name: float(value) / len(batches) for name, value in sums.items()}
+        row["k"] = float(k_sum) / len(batches) if has_k else None
+        if self.stats.num_batches:
+            row["k_stat_pooled"] = self.stats.percentile("pooled")
+            row["k_stat_batch_mean"] = self.stats.percentile("batch_mean")
+            if self.config.record_histograms:
+                row["neg_sim_hist"] = self.stats.histogram(HISTOGRAM_BINS)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, which: str, state: dict | None = None) -> dict[str, float]:
+        """Full-ranking metrics on ``"valid"`` or ``"test"`` (with ``state``'s weights, if
+        given; the live weights are restored afterwards)."""
+        live = copy.deepcopy(self.model.state_dict()) if state is not None else None
+        if state is not None:
+            self.model.load_state_dict(state)
+        self.model.eval()
+        inputs, targets = self.split.eval_tensors(which)
+        with self._autocast():
+            metrics = evaluate_full_ranking(
+                self.model.score, inputs, targets, batch_size=self.config.eval_batch_size,
+                device=self.device,
+                history=self.split.history(which) if self.config.mask_history else None,
+            )
+        if live is not None:
+            self.model.load_state_dict(live)
+        return metrics
+
+    @torch.no_grad()
+    def geometry(self) -> dict[str, float]:
+        """Uniformity and alignment of the fixed held-out sequences and their same-target
+        partners, in eval mode: Wang & Isola's form (squared distances of L2-normalised
+        representations) and the released ``decompose`` form (unsquared, raw)."""
+        self.model.eval()
+        z = self.model(self.train_inputs[self.holdout.to(self.device)]).float()
+        zp = self.model(self.train_inputs[self.holdout_partner.to(self.device)]).float()
+        return {
+            "uniformity": float(uniformity(z)),
+            "alignment": float(alignment(z, zp)),
+            "uniformity_decompose": float(uniformity(z, squared=False, normalize=False)),
+            "alignment_decompose": float(alignment(z, zp, alpha=1.0, normalize=False)),
+        }
+
+    def fit(self) -> dict:
+        """Train until ``epochs`` or early stopping, then test the best epoch's weights."""
+        c = self.config
+        while self.epoch < c.epochs and self.bad_epochs < c.patience:
+            start = time.perf_counter()
+            row = {"epoch": self.epoch + 1, **self.train_epoch()}
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row.update(self.geometry())
+            row["valid"] = self.evaluate("valid")
+            seconds = time.perf_counter() - start
+            row["seconds"] = seconds
+            self.train_seconds += seconds
+            simthres = self.simthres
+            if simthres is not None and "k_stat_pooled" in row:
+                simthres.update(row[f"k_stat_{c.kstat_method}"])
+            metric = row["valid"]["NDCG@10"]
+            if metric > self.best_metric:
+                self.best_metric, self.best_epoch, self.bad_epochs = metric, self.epoch + 1, 0
+                self.best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                self.bad_epochs += 1
+            self.history.append(row)
+            self.epoch += 1
+            self.save_checkpoint()
+            if c.progress:
+                k = "-" if row["k"] is None else f"{row['k']:.3f}"
+                tqdm.write(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  k {k}  "
+                           f"valid NDCG@10 {metric:.4f}")
+            if self.callback is not None:
+                self.callback(row)
+        return self.results()
+
+    def results(self) -> dict:
+        """The results dict (``results.json``'s content) with test metrics of the best epoch."""
+        config = self.config.to_dict()
+        config["similarity"] = "cos" if self.config.normalize else "dot"
+        best = self.history[self.best_epoch - 1]["valid"] if self.best_epoch else {}
+        return {
+            "method": self.config.method,
+            "dataset": self.dataset,
+            "preset": self.config.preset,
+            "valid": best,
+            "test": self.evaluate("test", self.best_state),
+            "epochs": self.epoch,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+            "config": config,
+        }
+
+
+def train(
+    config: TrainConfig,
+    split: LeaveOneOutSplit,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    dataset: str = "synthetic",
+    callback: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train ``config.method`` on ``split`` and return the results dict.
+
+    With ``out_dir`` a checkpoint is written atomically after every epoch; ``resume=True``
+    continues from it. ``callback(row)`` sees each epoch's history row after its checkpoint.
+    """
+    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback)
+    if resume:
+        trainer.resume()
+    return trainer.fit()

@@ -1,0 +1,173 @@
+"""Training loop: learning, bit-identical resume, atomic checkpoints, results, the CLI."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_cl.rec import train as train_module
+from adaptive_cl.rec.data import leave_one_out
+from adaptive_cl.rec.metrics import evaluate_popularity
+from adaptive_cl.rec.synthetic import make_synthetic
+from adaptive_cl.rec.train import CHECKPOINT, TrainConfig, Trainer, train
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_seconds",
+               "history", "config"]
+METRICS = {f"{m}@{k}" for m in ("NDCG", "Recall", "MRR") for k in (5, 10, 20)}
+
+
+@pytest.fixture(scope="module")
+def split():
+    return leave_one_out(make_synthetic(num_users=300, num_items=60, mean_length=10.0), 10)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(epochs=4, batch_size=64, max_len=10, hidden=16, inner=32, lr=5e-3,
+                holdout_size=64, progress=False, seed=3)
+    return TrainConfig.from_preset("default", **{**base, **kw})
+
+
+def test_short_run_beats_popularity(split):
+    results = train(config(epochs=3), split)
+    popularity = evaluate_popularity(split, "test")
+    assert results["test"]["NDCG@10"] > popularity["NDCG@10"] + 0.05
+    assert list(results) == RESULT_KEYS and set(results["test"]) == METRICS
+    row = results["history"][-1]
+    for key in ("loss", "ce", "cl", "k", "k_stat_pooled", "k_stat_batch_mean", "uniformity",
+                "alignment", "valid"):
+        assert key in row
+    assert results["history"][0]["k"] == 0.0  # statistical SimThres: 0 before the first epoch
+    assert results["history"][1]["k"] == pytest.approx(results["history"][0]["k_stat_pooled"])
+    json.dumps(results)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="adaptiverec", simthres="learnable", lr_schedule="cosine",
+         kstat_method="batch_mean"),
+    dict(method="cl4srec"),
+])
+def test_resume_is_bit_identical(split, tmp_path, kw):
+    cfg = config(**kw)
+    full = train(cfg, split, tmp_path / "full")
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, split, tmp_path / "cut", callback=stop_after_two)
+    resumed = train(cfg, split, tmp_path / "cut", resume=True)
+
+    def strip(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert resumed["test"] == full["test"] and resumed["valid"] == full["valid"]
+    assert strip(resumed["history"]) == strip(full["history"])
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    for part in ("model", "objective"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), name
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+
+
+def test_resume_rejects_a_different_config(split, tmp_path):
+    train(config(epochs=1), split, tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        train(config(epochs=2, lr=1e-2), split, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(config(), split, tmp_path / "empty", resume=True)
+
+
+def test_checkpoint_write_is_atomic(split, tmp_path, monkeypatch):
+    trainer = Trainer(config(epochs=1), split, tmp_path)
+    trainer.fit()
+    path = tmp_path / CHECKPOINT
+    before = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_flattened_threshold_needs_drop_last():
+    with pytest.raises(ValueError, match="drop_last"):
+        config(simthres="learnable-flat")
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.batch_size, paper.drop_last, paper.lr_schedule, paper.simthres,
+            paper.denominator, paper.kstat_method) == (1024, True, "cosine", "learnable-flat",
+                                                       "all", "batch_mean")
+    with pytest.raises(ValueError, match="method"):
+        config(method="bert4rec")
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig.from_preset("fast")
+
+
+def test_paper_style_run_with_flattened_threshold(split):
+    results = train(config(epochs=2, simthres="learnable-flat", drop_last=True,
+                           lr_schedule="cosine", denominator="all", kstat_method="batch_mean"),
+                    split)
+    assert all(row["k"] is not None for row in results["history"])
+    assert "reg" in results["history"][-1]
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("train_sasrec", ROOT / "examples" /
+                                                  "train_sasrec.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_writes_results_and_plots(tmp_path, capsys):
+    data = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
+    path = tmp_path / "seqs.txt"
+    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
+                            for u, s in zip(data.user_ids, data.sequences)))
+    out = tmp_path / "run"
+    assert _cli().main(["--data", str(path), "--epochs", "2", "--max-len", "10", "--out",
+                        str(out), "--no-progress", "--plots", "--method", "adaptiverec",
+                        "--batch-size", "128"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == RESULT_KEYS
+    assert results["dataset"] == "seqs" and results["preset"] == "default"
+    assert set(results["test"]) == METRICS and set(results["valid"]) == METRICS
+    assert results["epochs"] == 2 and len(results["history"]) == 2
+    assert results["config"]["batch_size"] == 128
+    assert set(json.loads((out / "popularity.json").read_text())) == {"valid", "test"}
+    for name in ("similarities.png", "simthres.png", "uniformity_alignment.png"):
+        assert (out / name).stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "popularity" in printed and "NDCG@10" in printed
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--method", "bert4rec"], "--method"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "fast"], "--lr"),
+    (["--simthres", "learnable", "--method", "sasrec"], "--simthres"),
+    (["--contrast", "xx"], "--contrast"),
+    (["--resume"], "--resume"),
+    (["--device", "gpu9"], "--device"),
+    (["--preset", "huge"], "--preset"),
+])
+def test_cli_bad_arguments(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _cli().main(argv)
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
