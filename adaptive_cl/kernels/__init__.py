@@ -1,0 +1,45 @@
+"""Fused Triton kernels of the AdaptiveRec InfoNCE (hard threshold, no labels).
+
+``unsupported_reason(p)`` says why these inputs cannot run here (None when they can);
+``adaptive_info_nce_triton(p)`` computes the reduced loss through one autograd Function.
+Importing needs ``triton`` (ImportError otherwise); nothing else happens at import.
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  (ImportError here tells backends.py the kernels are unavailable)
+import torch
+
+from ..contract import Prepared
+from . import adaptive_info_nce_fwd as _fwd
+from .function import AdaptiveInfoNCEFunction
+
+__all__ = ["unsupported_reason", "adaptive_info_nce_triton"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def unsupported_reason(p: Prepared) -> str | None:
+    """None when the fused kernels can compute these inputs; else a short reason."""
+    z = p.z
+    if not z.is_cuda and not _fwd.INTERPRET:
+        return (f"tensors are on {z.device.type}; the Triton kernels need CUDA tensors "
+                "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    if z.dtype == torch.float64:
+        return "float64 inputs are not supported (the kernels accumulate in float32); use backend='reference'"
+    if z.dtype not in _DTYPES:
+        return f"dtype {z.dtype} is not supported (float32, float16, bfloat16 are)"
+    if _fwd.INTERPRET and not z.is_cuda and z.dtype == torch.bfloat16:
+        return ("bfloat16 under Triton's CPU interpreter (its bfloat16 tl.dot is wrong); "
+                "use a CUDA device or backend='reference'")
+    if p.labels_rows is not None:
+        return "labels (supervised extra positives) is not fused yet; use backend='reference' or 'auto'"
+    if p.options.threshold == "soft":
+        return "threshold='soft' is not fused yet; use backend='reference' or 'auto'"
+    return None
+
+
+def adaptive_info_nce_triton(p: Prepared) -> torch.Tensor:
+    """The reduced loss (float32) of SPEC.md via the fused kernels; gradients to z, z_aug, k."""
+    k_rows = None if p.k_scalar is not None else p.k_rows
+    return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options)

@@ -1,0 +1,203 @@
+"""Forward Triton kernels of the fused AdaptiveRec InfoNCE (SPEC.md), and shared tile helpers.
+
+Launches (normalize=True): ``_row_norm_kernel`` (one pass over Z: inverse norms, O(N)) then
+``_fwd_kernel``; normalize=False skips the first. The reduction (mean/sum) is one torch op.
+
+``_fwd_kernel``: one program per block of BLOCK_M rows of Z = [z; z_aug] (rows are read from
+the two inputs by index and stride: no concatenated copy). It walks every column tile J of Z
+once, computing the raw tile Z_I Z_J^T with ``tl.dot`` (float32 accumulation; D looped in
+BLOCK_D chunks when D is wide) and, per element:
+
+- c = dot * (inv_i * inv_j), clamped to [-1, 1]  (inv_i * inv_j first, so c_ij and c_ji are
+  the same bits: the backward re-evaluates row j's decisions on program I's c_ij);
+- t = c * log2(e)/tau (base-2 logits, scale folded);
+- membership of row i: valid (j != i, j < N), extra positive (j in N(i), c > k_i);
+- FIXED_SHIFT (normalize and tau >= 0.025): p = exp2(t - log2(e)/tau), |c| <= 1 makes this a
+  valid log-sum-exp shift, so no running max and no rescale; otherwise the online max.
+
+Per row it writes lse2_i = log2 sum_{Den(i)} exp2(t_ij) (base 2), m_i = |A(i)| and the loss
+l_i (SPEC.md's four numbers; the partner logit is an O(BLOCK_M * D) row-wise dot in the
+epilogue, not a per-element select). Extra memory: 3 floats per row.
+
+Cost per tile element (BLOCK_M x BLOCK_N): 1 exp2, D MACs in the dot, about 8 other FP32 ops
+without k (scale, clamp, 2 compares, select, add) and 6 more with k (compare with k, count,
+masked sum). Options are ``tl.constexpr`` so each combination compiles to its own kernel with
+no dead work.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+#: log2(e): logits are scaled into base 2 once, so every exponential is a bare ``exp2``.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+#: ``F.normalize``'s epsilon (contract.NORM_EPS).
+NORM_EPS = 1e-12
+#: Below this temperature exp(-2/tau) nears float32's smallest normal: use the online max.
+FIXED_SHIFT_MIN_TAU = 0.025
+#: Widest D chunk held in one tile. Wider D is looped (forward) or split over a second grid
+#: axis (backward). Tests lower it to exercise the chunked path in the interpreter.
+MAX_BLOCK_D = 256
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_d(d: int) -> int:
+    """The D chunk, shared by the forward and the backward so both sum c_ij in the same order."""
+    d_pad = max(16, triton.next_power_of_2(d))
+    return min(d_pad, MAX_BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------- helpers
+@triton.jit
+def _load_rows(z_ptr, za_ptr, rows, d_offs, B, N, D, s_z0, s_z1, s_a0, s_a1):
+    """Rows ``rows`` (global indices into Z = [z; z_aug]) x columns ``d_offs``, zero-padded.
+
+    Two masked loads (a row lives in exactly one input); offsets in int64 so row * stride may
+    exceed 2**31."""
+    r64 = rows.to(tl.int64)
+    d64 = d_offs.to(tl.int64)
+    dm = (d_offs < D)[None, :]
+    in_z = (rows < B)[:, None]
+    in_a = ((rows >= B) & (rows < N))[:, None]
+    xz = tl.load(z_ptr + r64[:, None] * s_z0 + d64[None, :] * s_z1, mask=in_z & dm, other=0.0)
+    xa = tl.load(za_ptr + (r64 - B)[:, None] * s_a0 + d64[None, :] * s_a1, mask=in_a & dm, other=0.0)
+    return tl.where(in_z, xz, xa)
+
+
+@triton.jit
+def _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Z_I Z_J^T for wide D: BLOCK_D chunks in increasing order, float32 accumulation (the
+    same order in forward and backward, so both see the same c_ij)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        zi_c = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+        zj_c = _load_rows(z_ptr, za_ptr, cols, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+        acc = tl.dot(zi_c, tl.trans(zj_c), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _row_norm_kernel(z_ptr, za_ptr, stats_ptr, B, N, D, s_z0, s_z1, s_a0, s_a1,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """stats[0:N] = 1 / max(|z_r|, eps); stats[N:2N] = 1.0 where |z_r| >= eps else 0.0.
+
+    Computed once and read by both passes, so every c_ij sees the same bits of inv_i and inv_j
+    (recomputing norms per tile would depend on the tile's register layout)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    norm = tl.sqrt_rn(ss)
+    inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, 1e-12))
+    ok = rows < N
+    tl.store(stats_ptr + rows, inv, mask=ok)
+    tl.store(stats_ptr + N + rows, tl.where(norm >= 1e-12, 1.0, 0.0), mask=ok)
+
+
+@triton.jit
+def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
+                B, N, D, s_z0, s_z1, s_a0, s_a1, s_k,
+                k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha,
+                NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
+                DEN_ALL: tl.constexpr, UNIT: tl.constexpr, SINGLE_D: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load).
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    prow = tl.where(rows < B, rows + B, rows - B)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    if SINGLE_D:  # all of D fits one chunk: Z_I stays in registers for the whole row walk
+        zi = _load_rows(z_ptr, za_ptr, rows, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+    if NORMALIZE:
+        inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0)
+    if K_MODE == 1:
+        k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
+    if K_MODE == 2:
+        k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
+
+    shift2 = qk_scale  # log2(e)/tau: the fixed base-2 shift (max possible t)
+    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sum_c = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if SINGLE_D:
+            zj = _load_rows(z_ptr, za_ptr, cols, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+            acc = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
+        else:
+            acc = _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
+                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
+        if NORMALIZE:
+            inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0)
+            c = acc * (inv_i[:, None] * inv_j[None, :])
+            c = tl.minimum(tl.maximum(c, -1.0), 1.0)
+        else:
+            c = acc
+        valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
+        if K_MODE != 0:
+            extra = valid & (cols[None, :] != prow[:, None]) & (c > k_i[:, None])
+            cnt += tl.sum(extra.to(tl.float32), axis=1)
+            sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
+            if DEN_ALL:
+                den = valid
+            else:
+                den = valid & (~extra)
+        else:
+            den = valid
+        t = c * qk_scale
+        if FIXED_SHIFT:
+            l_run += tl.sum(tl.where(den, tl.exp2(t - shift2), 0.0), axis=1)
+        else:
+            t = tl.where(den, t, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(t, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no Den entry yet: avoid inf-inf
+            l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
+            m_run = m_new
+
+    if FIXED_SHIFT:
+        lse2 = shift2 + tl.log2(l_run)
+    else:
+        lse2 = m_run + tl.log2(l_run)
+
+    # Partner logit: a row-wise dot with the partner row (O(BLOCK_M * D), once per row).
+    dp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        a = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
+        b = _load_rows(z_ptr, za_ptr, prow, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
+        dp += tl.sum(a * b, axis=1)
+    if NORMALIZE:
+        inv_p = tl.load(inv_ptr + prow, mask=row_ok, other=0.0)
+        dp = tl.minimum(tl.maximum(dp * (inv_i * inv_p), -1.0), 1.0)
+
+    lse = lse2 * 0.6931471805599453  # natural-log LSE_i
+    s_p = dp * inv_tau
+    if K_MODE != 0:
+        guard = tl.maximum(cnt, 1.0)
+        pos = cnt * lse - sum_c * inv_tau  # sum over A(i) of (LSE_i - s_ij)
+        if UNIT:
+            loss = (lse - s_p) - log_alpha + pos - cnt * (log_1m_alpha - tl.log(guard))
+        else:
+            loss = alpha * (lse - s_p) + (1.0 - alpha) / guard * pos
+    else:
+        if UNIT:
+            loss = (lse - s_p) - log_alpha
+        else:
+            loss = alpha * (lse - s_p)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    tl.store(lse2_ptr + rows, lse2, mask=row_ok)
+    tl.store(m_ptr + rows, cnt, mask=row_ok)
