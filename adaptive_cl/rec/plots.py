@@ -73,7 +73,7 @@ def plot_uniformity_alignment(results: dict, path: Path, decompose: bool = False
     rows = [row for row in results["history"] if row.get("uniformity" + suffix) is not None]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     points = ax.scatter([r["alignment" + suffix] for r in rows],
                         [r["uniformity" + suffix] for r in rows],
                         c=[r["epoch"] for r in rows], cmap="viridis")
@@ -82,8 +82,8 @@ def plot_uniformity_alignment(results: dict, path: Path, decompose: bool = False
             else "Wang & Isola: squared distances of L2-normalised representations")
     ax.set_xlabel("alignment E||f(x) - f(x+)||" + ("" if decompose else "^2"))
     ax.set_ylabel("uniformity log E exp(-2||f(x) - f(y)||" + ("" if decompose else "^2") + ")")
-    ax.set_title(f"{results['method']}: uniformity vs alignment\n({form}; x+ = same-target "
-                 "sequence, fixed held-out batch)", fontsize=9)
+    ax.set_title(f"{results['method']}: uniformity vs alignment\n{form}\n"
+                 "x+ = same-target sequence, fixed held-out batch", fontsize=8)
     return _save(fig, path)
 
 

@@ -47,7 +47,7 @@ def candidate_similarities(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor
     rows = torch.arange(n, device=z.device)[:, None]
     # Row i takes columns (i + 1 + t) mod N for t = 0..N-2 (everything but itself); its
     # partner (i + B) mod N is always at t = B - 1, so that offset is left out.
-    t = torch.cat([torch.arange(b - 1), torch.arange(b, n - 1)]).to(z.device)
+    t = torch.cat([torch.arange(b - 1, device=z.device), torch.arange(b, n - 1, device=z.device)])
     cols = (rows + 1 + t[None, :]) % n
     return c.gather(1, cols)
 

@@ -392,7 +392,7 @@ class Trainer:
         k_sum = torch.zeros((), device=self.device)
         has_k = False
         batches = self._batches()
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False,
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
                    disable=not self.config.progress)
         for idx in bar:
             positives = None
