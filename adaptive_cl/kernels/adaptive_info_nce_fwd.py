@@ -169,10 +169,11 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
             l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
             m_run = m_new
 
+    l_run = tl.where(row_ok, l_run, 1.0)  # padding rows: keep log2 finite
     if FIXED_SHIFT:
         lse2 = shift2 + tl.log2(l_run)
     else:
-        lse2 = m_run + tl.log2(l_run)
+        lse2 = tl.where(row_ok, m_run, 0.0) + tl.log2(l_run)
 
     # Partner logit: a row-wise dot with the partner row (O(BLOCK_M * D), once per row).
     dp = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -1,0 +1,247 @@
+"""The fused Triton kernels under Triton's CPU interpreter, against the float64 reference.
+
+Every option value of the kernel is paired with every other at least once (a pairwise
+covering design over small odd shapes), forward and gradients. On a machine with CUDA the
+same tests run the compiled kernels on the GPU (the interpreter is only used without CUDA:
+tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from adaptive_cl import adaptive_info_nce  # noqa: E402
+from adaptive_cl import backends  # noqa: E402
+from adaptive_cl.contract import make_options, prepare  # noqa: E402
+from adaptive_cl.kernels import adaptive_info_nce_fwd as fwd  # noqa: E402
+from adaptive_cl.kernels import function as kfunc  # noqa: E402
+from adaptive_cl.kernels import unsupported_reason  # noqa: E402
+from adaptive_cl.reference import adaptive_info_nce_reference  # noqa: E402
+
+from ._cases import covers_all_pairs, make_views, pairwise_cases, pick_k, rel_err, similarity64  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+FACTORS = {
+    "shape": [(2, 1), (3, 7), (17, 32), (40, 70)],
+    "dtype": [torch.float32, torch.float16],
+    "k": ["none", "scalar", "0d", "B", "N"],
+    "denominator": ["negatives", "all"],
+    "weighting": ["normalized", "unit"],
+    "alpha": [0.5, 0.3, 1.0],
+    # 0.02 < FIXED_SHIFT_MIN_TAU: the online-max path with normalize=True.
+    "tau": [1.0, 0.1, 0.02],
+    "normalize": [True, False],
+    "reduction": ["mean", "sum", "none"],
+    "layout": ["contiguous", "noncontig"],
+    # True: MAX_BLOCK_D lowered to 16, so D > 16 takes the chunked-D forward and the
+    # D-split backward grid.
+    "dchunk": [False, True],
+}
+
+
+def _allowed(case):
+    return not (case["weighting"] == "unit" and case["alpha"] == 1.0)
+
+
+CASES = pairwise_cases(FACTORS, _allowed, seed=1)
+
+# Tolerances against float64 (norm ratios). float32: the interpreter's dots are float32 numpy
+# products; float16: the backward casts G and z^_J to float16 for the second dot.
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 5e-3)}
+
+
+def _case_id(case):
+    b, d = case["shape"]
+    return (f"B{b}D{d}-{str(case['dtype']).split('.')[-1]}-k{case['k']}-{case['denominator'][:3]}-"
+            f"{case['weighting'][:4]}-a{case['alpha']}-t{case['tau']}-{'nrm' if case['normalize'] else 'dot'}-"
+            f"{case['reduction']}-{case['layout'][:4]}{'-dchunk' if case['dchunk'] else ''}")
+
+
+def test_design_covers_every_pair():
+    assert covers_all_pairs(CASES, FACTORS, _allowed) == []
+    assert len(CASES) <= 30
+
+
+def _run(backend, z, za, k, upstream, opts, dtype):
+    """Loss, row losses and gradients (z, z_aug, k) for one backend."""
+    zt = z.detach().to(dtype).requires_grad_()
+    zat = za.detach().to(dtype).requires_grad_()
+    kt = k.detach().clone().requires_grad_() if isinstance(k, torch.Tensor) else k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loss = adaptive_info_nce(zt, zat, kt, backend=backend, **opts)
+        rows = adaptive_info_nce(zt.detach(), zat.detach(), k if not isinstance(k, torch.Tensor) else k.detach(),
+                                 backend=backend, **dict(opts, reduction="none"))
+    loss.backward(upstream)
+    kgrad = kt.grad if isinstance(kt, torch.Tensor) else None
+    return loss.detach(), rows.detach(), zt.grad, zat.grad, kgrad
+
+
+def check_against_reference(z, za, k, opts, dtype, upstream, tol_loss, tol_grad):
+    out, rows, dz, dza, dk = _run("triton", z, za, k, upstream, opts, z.dtype)
+    ref, ref_rows, rdz, rdza, _ = _run("reference", z, za, k, upstream, opts, torch.float64)
+    assert out.dtype == torch.float32
+    assert dz.dtype == z.dtype and dza.dtype == za.dtype
+    assert dz.shape == z.shape and dza.shape == za.shape
+    n = rows.shape[0]
+    # Forward errors are measured against the logits' size L = max|s_ij| as well as the loss:
+    # a row loss is a difference of logits (LSE_i - s_ip), which can cancel to ~0.
+    logit = float(similarity64(z.cpu(), za.cpu(), opts["normalize"]).abs().max()) / opts["temperature"]
+    err_rows = (rows.double() - ref_rows).abs()
+    assert (err_rows <= tol_loss * (ref_rows.abs() + logit)).all(), float(err_rows.max())
+    bound = tol_loss * float(ref_rows.abs().sum() + n * logit)
+    if opts["reduction"] == "none":
+        assert ((out.double() - ref).abs() <= tol_loss * (ref.abs() + logit)).all()
+    else:
+        scale = 1.0 / n if opts["reduction"] == "mean" else 1.0
+        assert float((out.double() - ref).abs()) <= bound * scale
+    # Gradients: norm ratio, plus a floor where the exact gradient vanishes (D = 1 with
+    # normalize: z^ = sign(z), flat in z), scaled by the size of dL/dz^ ~ |u| L sqrt(N) / |z|.
+    got, want = torch.cat([dz, dza]).double(), torch.cat([rdz, rdza])
+    floor = 0.0
+    if opts["normalize"]:
+        norms = torch.cat([z, za]).double().norm(dim=1)
+        if bool((norms > 0).all()):
+            u = torch.ones(()) if upstream is None else upstream.detach().double().abs().max().cpu()
+            u = float(u) / (n if opts["reduction"] == "mean" else 1)
+            floor = u * logit * n ** 0.5 / float(norms.min())
+    err = float((got - want).norm())
+    assert err <= tol_grad * (float(want.norm()) + floor), (err, float(want.norm()), floor)
+    if isinstance(k, torch.Tensor):
+        assert dk is not None and dk.shape == k.shape and not dk.any()
+    assert torch.isfinite(dz).all() and torch.isfinite(dza).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, monkeypatch):
+    if case["dchunk"]:
+        monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)
+    b, d = case["shape"]
+    seed = b * 1000 + d
+    z, za = make_views(b, d, case["dtype"], seed=seed, normalize=case["normalize"],
+                       layout=case["layout"], device=DEVICE)
+    k, margin = pick_k(z.cpu(), za.cpu(), case["k"], case["normalize"])
+    assert margin > 1e-4, "threshold too close to a similarity"
+    if isinstance(k, torch.Tensor):
+        k = k.to(DEVICE)
+    opts = dict(temperature=case["tau"], normalize=case["normalize"], denominator=case["denominator"],
+                weighting=case["weighting"], positive_weight=case["alpha"], reduction=case["reduction"])
+    g = torch.Generator().manual_seed(seed + 1)
+    if case["reduction"] == "none":
+        upstream = torch.randn(2 * b, generator=g).to(DEVICE)
+    else:
+        upstream = torch.tensor(-0.75 if seed % 2 else 1.3, device=DEVICE)
+    tol_loss, tol_grad = TOL[case["dtype"]]
+    check_against_reference(z, za, k, opts, case["dtype"], upstream, tol_loss, tol_grad)
+
+
+def test_zero_row_and_k_grad_shapes():
+    z, za = make_views(17, 7, torch.float32, seed=3, device=DEVICE)
+    z[4] = 0.0
+    za[9] = 0.0
+    for kind in ("B", "N"):
+        k, margin = pick_k(z.cpu(), za.cpu(), kind, True)
+        assert margin > 1e-4
+        opts = dict(temperature=0.5, normalize=True, denominator="negatives", weighting="normalized",
+                    positive_weight=0.5, reduction="mean")
+        check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 1e-5, 1e-5)
+
+
+def test_deterministic_bitwise():
+    z, za = make_views(40, 70, torch.float32, seed=5, device=DEVICE)
+    k, _ = pick_k(z.cpu(), za.cpu(), "N", True)
+    u = torch.randn(80, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    outs = []
+    for _ in range(2):
+        zt, zat = z.clone().requires_grad_(), za.clone().requires_grad_()
+        loss = adaptive_info_nce(zt, zat, k.to(DEVICE), temperature=0.2, reduction="none", backend="triton")
+        loss.backward(u)
+        outs.append((loss.detach(), zt.grad, zat.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_partner_only_rows_with_everything_positive():
+    """k below every similarity: A(i) = N(i) (|A| = N-2); "negatives" leaves only the partner
+    in the denominator."""
+    z, za = make_views(17, 7, torch.float32, seed=7, device=DEVICE)
+    for den in ("negatives", "all"):
+        for weighting in ("normalized", "unit"):
+            opts = dict(temperature=0.3, normalize=True, denominator=den, weighting=weighting,
+                        positive_weight=0.4, reduction="sum")
+            check_against_reference(z, za, -2.0, opts, torch.float32, None, 1e-5, 1e-5)
+
+
+def test_large_logits_dot_products_online_max():
+    """normalize=False with large dot products: the online max must keep exp2 finite."""
+    g = torch.Generator().manual_seed(11)
+    z, za = (torch.nn.functional.normalize(torch.randn(17, 32, generator=g), dim=1) * 3.0 for _ in range(2))
+    z, za = z.to(DEVICE), za.to(DEVICE)  # |dots| <= 9: logits up to 90 (exp(90) overflows float32)
+    opts = dict(temperature=0.1, normalize=False, denominator="all", weighting="normalized",
+                positive_weight=0.5, reduction="mean")
+    check_against_reference(z, za, None, opts, torch.float32, None, 1e-5, 1e-5)
+
+
+def test_interpreter_block_shapes(monkeypatch):
+    """A different tile shape gives the same numbers within float32 rounding."""
+    monkeypatch.setattr(kfunc, "INTERPRET_BLOCKS", (32, 16))
+    z, za = make_views(40, 32, torch.float32, seed=13, device=DEVICE)
+    k, _ = pick_k(z.cpu(), za.cpu(), "N", True)
+    opts = dict(temperature=0.1, normalize=True, denominator="negatives", weighting="unit",
+                positive_weight=0.5, reduction="mean")
+    check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 1e-5, 1e-5)
+
+
+# ----------------------------------------------------------------------- availability / routing
+def _prepared(dtype=torch.float32, k=0.3, labels=None, **opts):
+    z, za = make_views(5, 4, dtype, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return prepare(z, za, k, labels, make_options(**opts))
+
+
+def test_unsupported_reasons():
+    assert unsupported_reason(_prepared()) is None or DEVICE == "cpu" and not fwd.INTERPRET
+    assert "float64" in unsupported_reason(_prepared(torch.float64))
+    assert "labels" in unsupported_reason(_prepared(labels=torch.arange(5)))
+    assert "threshold='soft'" in unsupported_reason(_prepared(threshold="soft"))
+    if fwd.INTERPRET:
+        assert "bfloat16" in unsupported_reason(_prepared(torch.bfloat16))
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(fwd, "INTERPRET", False)
+    reason = unsupported_reason(_prepared())
+    assert reason.startswith("tensors are on cpu; the Triton kernels need CUDA tensors")
+    with pytest.raises(ValueError, match="backend='triton' is not available: tensors are on cpu"):
+        backends.resolve("triton", _prepared())
+
+
+@pytest.mark.parametrize("what", ["float64", "labels", "soft"])
+def test_explicit_triton_errors_and_auto_falls_back(what):
+    if what == "float64":
+        p = _prepared(torch.float64)
+    elif what == "labels":
+        p = _prepared(labels=torch.arange(5))
+    else:
+        p = _prepared(threshold="soft")
+    with pytest.raises(ValueError, match="backend='triton' is not available: "):
+        backends.resolve("triton", p)
+    assert backends.resolve("auto", p) is adaptive_info_nce_reference
+    z, za = p.z, p.z_aug
+    with pytest.raises(ValueError, match="not available"):
+        adaptive_info_nce(z, za, 0.3, labels=p.labels_rows, threshold=p.options.threshold, backend="triton")
+
+
+def test_triton_backend_resolves_when_supported():
+    p = _prepared()
+    if fwd.INTERPRET or p.z.is_cuda:
+        from adaptive_cl.kernels import adaptive_info_nce_triton
+
+        assert backends.resolve("triton", p) is adaptive_info_nce_triton
