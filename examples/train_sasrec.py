@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from adaptive_cl.rec.data import FORMATS, leave_one_out, load_dataset
+from adaptive_cl.rec.data import FORMATS, DataFormatError, leave_one_out, load_dataset
 from adaptive_cl.rec.metrics import evaluate_popularity
 from adaptive_cl.rec.objectives import CONTRASTS
 from adaptive_cl.rec.synthetic import make_synthetic
@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.data is not None and not args.data.is_file():
+        p.error(f"argument --data: no such file: {args.data}")
     if args.resume and args.out is None:
         p.error("argument --resume: needs --out DIR holding checkpoint.pt")
     if args.plots and args.out is None:
@@ -125,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         data = make_synthetic()
     else:
-        data = load_dataset(args.data, args.format)
+        try:
+            data = load_dataset(args.data, args.format)
+        except DataFormatError as err:
+            print(f"train_sasrec.py: error: argument --data: {err}", file=sys.stderr)
+            return 2
     split = leave_one_out(data, max_len=config.max_len)
     print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
           f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "

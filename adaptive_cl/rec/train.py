@@ -73,7 +73,11 @@ PAPER_PRESET = dict(
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a run (recorded in the results). Defaults = METHODS.md's."""
+    """Every hyper-parameter of a run (recorded in the results). Defaults = METHODS.md's.
+
+    Build presets with :meth:`from_preset`; setting ``preset="paper"`` by hand only labels the
+    run and changes nothing else.
+    """
 
     method: str = "adaptiverec"
     contrast: str = "us_x"
@@ -366,7 +370,8 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             raise ValueError(f"resume: no checkpoint at {path}")
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # RNG states must stay on the CPU; the load_state_dict calls move the rest.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # --------------------------------------------------------------------------- training
 
@@ -461,8 +466,8 @@ class Trainer:
         c = self.config
         while self.epoch < c.epochs and self.bad_epochs < c.patience:
             start = time.perf_counter()
-            row = {"epoch": self.epoch + 1, **self.train_epoch()}
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps
+            row = {"epoch": self.epoch + 1, **self.train_epoch(), "lr": lr}
             row.update(self.geometry())
             row["valid"] = self.evaluate("valid")
             seconds = time.perf_counter() - start

@@ -124,6 +124,8 @@ def test_paper_style_run_with_flattened_threshold(split):
                     split)
     assert all(row["k"] is not None for row in results["history"])
     assert "reg" in results["history"][-1]
+    first, second = (row["lr"] for row in results["history"])
+    assert first == 5e-3 and second < first  # cosine schedule, lr recorded as used
 
 
 def _cli():
@@ -156,6 +158,14 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
     assert "popularity" in printed and "NDCG@10" in printed
 
 
+def test_cli_reports_malformed_data(tmp_path, capsys):
+    path = tmp_path / "bad.txt"
+    path.write_text("1 2 3 4 5 6\n2 x 3\n")
+    assert _cli().main(["--data", str(path), "--format", "sequences", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "line 2" in err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--method", "bert4rec"], "--method"),
     (["--batch-size", "0"], "--batch-size"),
@@ -165,6 +175,7 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
     (["--resume"], "--resume"),
     (["--device", "gpu9"], "--device"),
     (["--preset", "huge"], "--preset"),
+    (["--data", "/nonexistent/file.txt"], "--data"),
 ])
 def test_cli_bad_arguments(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
