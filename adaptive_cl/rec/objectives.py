@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .. import adaptive_info_nce
+from ..contract import make_options
 from .augment import Augmenter
 from .model import SASRec
 from .simthres import LearnableSimThres, StatisticalSimThres
@@ -108,8 +109,6 @@ class DuoRecObjective(nn.Module):
     ``adaptive_info_nce``.
     """
 
-    needs_positives = True
-
     def __init__(
         self,
         contrast: str = "us_x",
@@ -194,6 +193,8 @@ class AdaptiveRecObjective(DuoRecObjective):
         )
         if threshold == "soft" and simthres is None:
             raise ValueError("threshold='soft' needs a simthres (k is None otherwise)")
+        options = {k: v for k, v in self.loss_options.items() if k != "backend"}
+        make_options(**options)  # bad values fail here, not at the first batch
 
     def contrastive(
         self, z1: torch.Tensor, z2: torch.Tensor

@@ -143,5 +143,9 @@ def test_bad_arguments():
         DuoRecObjective(weight=-1)
     with pytest.raises(ValueError, match="soft"):
         AdaptiveRecObjective(None, threshold="soft")
+    with pytest.raises(ValueError, match="denominator"):
+        AdaptiveRecObjective(None, denominator="some")
+    with pytest.raises(ValueError, match="positive_weight"):
+        AdaptiveRecObjective(None, positive_weight=0.0)
     with pytest.raises(ValueError, match="positives"):
         DuoRecObjective("su")(model(), Batch(batch().inputs, batch().targets))
