@@ -174,6 +174,10 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
             vj = (zj.to(tl.float32) * inv_j[:, None]).to(zj.dtype)  # z^_J, values in [-1, 1]
         else:
             vj = zj
+        if vj.dtype == tl.float16:
+            # |G'| <= max(W) + 1 <= N: only "unit" with nearly every candidate positive gets
+            # near float16's max; saturate rather than produce inf.
+            p = tl.minimum(tl.maximum(p, -65504.0), 65504.0)
         acc = tl.dot(p.to(vj.dtype), vj, acc, input_precision=DOT_PREC)
 
     scale = g * post_scale

@@ -37,8 +37,10 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 #: ``F.normalize``'s epsilon (contract.NORM_EPS).
 NORM_EPS = 1e-12
-#: Below this temperature exp(-2/tau) nears float32's smallest normal: use the online max.
-FIXED_SHIFT_MIN_TAU = 0.025
+#: Below this temperature use the online max. With the fixed shift, E = exp2(t - log2e/tau) >=
+#: 2^(-2 log2e/tau) must stay a normal float32 (tau > 0.0226), and the backward's per-row
+#: factor W exp2(log2e/tau - lse2) <= N 2^(2 log2e/tau) must not overflow (N <= 2^17: tau > 0.026).
+FIXED_SHIFT_MIN_TAU = 0.03
 #: Widest D chunk held in one tile. Wider D is looped (forward) or split over a second grid
 #: axis (backward). Tests lower it to exercise the chunked path in the interpreter.
 MAX_BLOCK_D = 256

@@ -100,7 +100,7 @@ def forward_rows(z, z_aug, k_rows, k_scalar, o):
     cnt = torch.empty(n, dtype=torch.float32, device=dev)
     if o.normalize:
         stats = torch.empty(2 * n, dtype=torch.float32, device=dev)
-        rb = 16 if fwd.INTERPRET else 64
+        rb = 16 if fwd.INTERPRET else max(16, min(64, 4096 // bd))  # <= 4096 elements per program
         _row_norm_kernel[(triton.cdiv(n, rb),)](
             z, z_aug, stats, b, n, d, z.stride(0), z.stride(1), z_aug.stride(0), z_aug.stride(1),
             BLOCK_R=rb, BLOCK_D=bd)

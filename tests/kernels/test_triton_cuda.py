@@ -1,0 +1,275 @@
+"""The compiled Triton kernels on a CUDA GPU against a float64 reference.
+
+Marked ``cuda`` (tests/conftest.py skips them without a GPU). The reference is
+``adaptive_cl.testing.chunked_loss_and_grads`` (float64, SPEC.md's analytic backward, O(N *
+chunk) memory), itself tested against the dense autograd reference on CPU, so the same check
+runs from N = 6 to N = 65536 (where the dense float64 N x N matrix would be 34 GB).
+
+- an option grid (pairwise covering design) at N <= 4096 in four precisions, with one fixed
+  launch config per kernel (``ADAPTIVE_CL_TRITON_AUTOTUNE=0``: tuning every option
+  combination would take minutes of compilation);
+- autotuned launches, large N (up to 65536, N^2 > 2^31), determinism and peak memory.
+
+Errors: row losses |l - l_ref| <= tol (|l_ref| + L) with L = max|s_ij| (a row loss is a
+difference of logits and can cancel to ~0), gradients ||g - g_ref|| / ||g_ref|| <= tol.
+tol: float32 "highest" (ieee) 1e-5, float32 "high" (tf32) 2e-3, bfloat16 / float16 2e-2.
+Thresholds sit in the middle of the widest gap between a row's candidate similarities, so no
+c_ij is near k (SPEC: ties within rounding may go either way).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.cuda
+
+from adaptive_cl import adaptive_info_nce  # noqa: E402
+from adaptive_cl.testing import chunked_loss_and_grads  # noqa: E402
+
+from ._cases import pairwise_cases  # noqa: E402
+
+# name: (dtype, torch float32 matmul precision, tolerance)
+PRECISIONS = {
+    "fp32-ieee": (torch.float32, "highest", 1e-5),
+    "fp32-tf32": (torch.float32, "high", 2e-3),
+    "bf16": (torch.bfloat16, "highest", 2e-2),
+    "fp16": (torch.float16, "highest", 2e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def fixed_config(monkeypatch):
+    monkeypatch.setenv("ADAPTIVE_CL_TRITON_AUTOTUNE", "0")
+
+
+def views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous"):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    z = torch.randn(batch, dim, generator=g, device="cuda", dtype=torch.float64)
+    za = z + 0.7 * torch.randn(batch, dim, generator=g, device="cuda", dtype=torch.float64)
+    if not normalize:
+        z, za = z / dim ** 0.5, za / dim ** 0.5
+    z, za = z.to(dtype), za.to(dtype)
+    if layout == "noncontig":
+        z = z.t().contiguous().t()
+        wide = torch.zeros(batch, 2 * dim, dtype=dtype, device="cuda")
+        wide[:, ::2] = za
+        za = wide[:, ::2]
+    return z, za
+
+
+def pick_k(z, za, kind, normalize):
+    """k ("none", "scalar", "0d", "B", "N") at the midpoint of the widest gap between sorted
+    candidate similarities (searched between their 50th and 97th percentiles), vectorised on
+    the GPU; returns (k, smallest half-gap)."""
+    if kind == "none":
+        return None, float("inf")
+    s = torch.cat([z, za]).double()
+    if normalize:
+        s = F.normalize(s, dim=1)
+    c = s @ s.T
+    n = c.shape[0]
+    b = n // 2
+    idx = torch.arange(n, device=c.device)
+    c[idx, idx] = float("nan")
+    c[idx, (idx + b) % n] = float("nan")
+    if kind in ("scalar", "0d"):
+        vals, count = c.reshape(1, -1), n * (n - 2)
+    elif kind == "B":
+        vals, count = torch.cat([c[:b], c[b:]], dim=1), 2 * (n - 2)
+    else:
+        vals, count = c, n - 2
+    v = torch.sort(vals, dim=1).values[:, :count]  # NaNs sort last
+    del c, vals
+    gaps = v[:, 1:] - v[:, :-1]
+    lo, hi = int(0.5 * (count - 1)), max(int(0.97 * (count - 1)), int(0.5 * (count - 1)) + 1)
+    j = lo + torch.argmax(gaps[:, lo:hi], dim=1)
+    rows = torch.arange(v.shape[0], device=v.device)
+    k = (v[rows, j] + v[rows, j + 1]) / 2
+    margin = float((gaps[rows, j] / 2).min())
+    if kind == "scalar":
+        return float(k[0]), margin
+    if kind == "0d":
+        return k[0].float(), margin
+    return k.float(), margin
+
+
+def check(z, za, k, opts, tol, *, upstream=None, chunk=2048):
+    """Run the kernel (loss, rows, grads) and compare with the chunked float64 reference."""
+    n = 2 * z.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
+        kt = k.detach().clone().requires_grad_() if isinstance(k, torch.Tensor) else k
+        loss = adaptive_info_nce(zt, zat, kt, backend="triton", **opts)
+        rows = adaptive_info_nce(z, za, k, backend="triton", **dict(opts, reduction="none"))
+        loss.backward(upstream)
+        torch.cuda.synchronize()
+        ref_rows, rdz, rdza = chunked_loss_and_grads(z, za, k, upstream=upstream, chunk=chunk, **opts)
+
+    assert loss.dtype == torch.float32 and zt.grad.dtype == z.dtype and zat.grad.dtype == za.dtype
+    s = torch.cat([z, za]).double()
+    if opts.get("normalize", True):
+        logit = 1.0 / opts.get("temperature", 1.0)
+    else:
+        logit = float((s.norm(dim=1).max() ** 2)) / opts.get("temperature", 1.0)
+    err_rows = (rows.double() - ref_rows).abs()
+    assert bool((err_rows <= tol * (ref_rows.abs() + logit)).all()), float((err_rows / (ref_rows.abs() + logit)).max())
+    red = opts.get("reduction", "mean")
+    if red == "none":
+        assert torch.equal(loss.detach(), rows)
+    else:
+        ref = ref_rows.mean() if red == "mean" else ref_rows.sum()
+        bound = tol * float(ref_rows.abs().sum() + n * logit) / (n if red == "mean" else 1)
+        assert abs(float(loss.detach()) - float(ref)) <= bound
+    got = torch.cat([zt.grad, zat.grad]).double()
+    want = torch.cat([rdz, rdza])
+    floor = 0.0
+    if opts.get("normalize", True) and z.shape[1] == 1:  # D = 1: z^ = sign(z), exact gradient 0
+        u = 1.0 if upstream is None else float(upstream.abs().max())
+        floor = u * logit * n ** 0.5 / float(s.norm(dim=1).min()) / (n if red == "mean" else 1)
+    err = float((got - want).norm())
+    assert err <= tol * (float(want.norm()) + floor), (err / max(float(want.norm()), 1e-300))
+    if isinstance(k, torch.Tensor):
+        assert kt.grad is not None and kt.grad.shape == k.shape and not kt.grad.any()
+    assert torch.isfinite(got).all()
+
+
+# ----------------------------------------------------------------------------- option grid
+FACTORS = {
+    "precision": list(PRECISIONS),
+    # (B, D): tiny; odd; D = 130 (one 256-wide chunk); D = 300 (chunked D, split backward);
+    # N = 4096.
+    "shape": [(3, 1), (257, 64), (500, 130), (300, 300), (2048, 64)],
+    "k": ["none", "scalar", "0d", "B", "N"],
+    "denominator": ["negatives", "all"],
+    "weighting": ["normalized", "unit"],
+    "alpha": [0.5, 0.3, 1.0],
+    "tau": [1.0, 0.1, 0.02],
+    "normalize": [True, False],
+    "reduction": ["mean", "sum", "none"],
+    "layout": ["contiguous", "noncontig"],
+}
+
+
+def _allowed(case):
+    return not (case["weighting"] == "unit" and case["alpha"] == 1.0)
+
+
+GRID = pairwise_cases(FACTORS, _allowed, seed=2)
+
+
+def _gid(case):
+    b, d = case["shape"]
+    return (f"{case['precision']}-B{b}D{d}-k{case['k']}-{case['denominator'][:3]}-{case['weighting'][:4]}-"
+            f"a{case['alpha']}-t{case['tau']}-{'nrm' if case['normalize'] else 'dot'}-{case['reduction']}-"
+            f"{case['layout'][:4]}")
+
+
+@pytest.mark.parametrize("case", GRID, ids=_gid)
+def test_option_grid(case, fixed_config):
+    dtype, precision, tol = PRECISIONS[case["precision"]]
+    torch.set_float32_matmul_precision(precision)
+    b, d = case["shape"]
+    seed = 7 * b + d
+    z, za = views(b, d, dtype, seed=seed, normalize=case["normalize"], layout=case["layout"])
+    k, margin = pick_k(z, za, case["k"], case["normalize"])
+    assert margin > 1e-4 or b < 4
+    opts = dict(temperature=case["tau"], normalize=case["normalize"], denominator=case["denominator"],
+                weighting=case["weighting"], positive_weight=case["alpha"], reduction=case["reduction"])
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if case["reduction"] == "none":
+        upstream = torch.randn(2 * b, generator=g, device="cuda")
+    else:
+        upstream = torch.tensor(-0.75 if seed % 2 else 1.3, device="cuda")
+    check(z, za, k, opts, tol, upstream=upstream)
+
+
+# ------------------------------------------------------------------- autotuned and large N
+@pytest.mark.parametrize(
+    "precision,b,d,kind,opts",
+    [
+        ("bf16", 4096, 64, "N", dict(temperature=0.1)),
+        ("fp32-ieee", 2048, 128, "B", dict(temperature=0.2, weighting="unit", denominator="all")),
+        ("fp32-tf32", 2048, 256, "scalar", dict(temperature=0.05, reduction="sum")),
+        ("fp16", 4096, 64, "none", dict(temperature=0.5, normalize=False)),
+    ],
+)
+def test_autotuned(precision, b, d, kind, opts):
+    dtype, prec, tol = PRECISIONS[precision]
+    torch.set_float32_matmul_precision(prec)
+    z, za = views(b, d, dtype, seed=b + d, normalize=opts.get("normalize", True))
+    k, _ = pick_k(z, za, kind, opts.get("normalize", True))
+    check(z, za, k, opts, tol)
+
+
+@pytest.mark.parametrize(
+    "precision,b,d,opts",
+    [
+        # N = 65536: N^2 = 4.3e9 > 2^31 logits.
+        ("bf16", 32768, 64, dict(temperature=0.1, reduction="mean")),
+        ("fp16", 32768, 128, dict(temperature=0.07, weighting="unit", denominator="all", reduction="none")),
+        ("fp32-tf32", 16384, 64, dict(temperature=0.2)),
+    ],
+)
+def test_large_n(precision, b, d, opts):
+    """k: one scalar at a quantile of a sample of similarities (a per-row gap search at
+    N = 65536 would sort 4e9 values); the inputs are exact in the kernel's dtype, so c differs
+    from float64 only by float32 accumulation and only entries within ~1e-6 of k can flip."""
+    dtype, prec, tol = PRECISIONS[precision]
+    torch.set_float32_matmul_precision(prec)
+    z, za = views(b, d, dtype, seed=b + d)
+    sample = F.normalize(torch.cat([z[:512], za[:512]]).double(), dim=1)
+    k = float(torch.quantile((sample @ sample.T).flatten(), 0.9))
+    upstream = None
+    if opts.get("reduction") == "none":
+        upstream = torch.randn(2 * b, generator=torch.Generator(device="cuda").manual_seed(0), device="cuda")
+    check(z, za, k, opts, tol, upstream=upstream, chunk=4096)
+
+
+def test_deterministic_bitwise():
+    z, za = views(2048, 64, torch.bfloat16, seed=1)
+    k, _ = pick_k(z, za, "N", True)
+    grads = []
+    for _ in range(2):
+        zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
+        adaptive_info_nce(zt, zat, k, temperature=0.1, backend="triton").backward()
+        grads.append((zt.grad, zat.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_peak_memory_is_linear_in_n():
+    """N = 16384: the eager reference needs ~6.7 GB; the fused path O(N D)."""
+    z, za = views(8192, 64, torch.bfloat16, seed=2)
+    k, _ = pick_k(z, za, "B", True)
+    zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
+    adaptive_info_nce(zt, zat, k, temperature=0.1, backend="triton").backward()  # compile, tune
+    zt.grad = zat.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    adaptive_info_nce(zt, zat, k, temperature=0.1, backend="triton").backward()
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= 64 * 2**20
+
+
+def test_auto_picks_triton_on_cuda():
+    from adaptive_cl import backends
+    from adaptive_cl.contract import make_options, prepare
+    from adaptive_cl.kernels import adaptive_info_nce_triton
+
+    z, za = views(8, 16, torch.float32, seed=3)
+    p = prepare(z, za, 0.5, None, make_options())
+    assert backends.resolve("auto", p) is adaptive_info_nce_triton
+    p = prepare(z, za, 0.5, None, make_options(threshold="soft"))
+    assert backends.resolve("auto", p) is not adaptive_info_nce_triton
