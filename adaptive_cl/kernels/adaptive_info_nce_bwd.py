@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .adaptive_info_nce_fwd import _chunked_dot, _load_rows
+from .adaptive_info_nce_fwd import _chunked_dot, _dot3_nt, _load_rows, _split_tf32
 
 
 @triton.jit
@@ -103,6 +103,8 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
     if SINGLE_D:
         zi = _load_rows(z_ptr, za_ptr, rows, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+        if DOT_PREC == "3xtf32":
+            zi_hi, zi_lo = _split_tf32(zi)
     else:
         rad = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -117,7 +119,11 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
 
         if SINGLE_D:
             zj = _load_rows(z_ptr, za_ptr, cols, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-            s_raw = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
+            if DOT_PREC == "3xtf32":
+                zj_hi, zj_lo = _split_tf32(zj)
+                s_raw = _dot3_nt(zi_hi, zi_lo, zj_hi, zj_lo)
+            else:
+                s_raw = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
         else:
             s_raw = _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
                                  BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
@@ -178,7 +184,14 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
             # |G'| <= max(W) + 1 <= N: only "unit" with nearly every candidate positive gets
             # near float16's max; saturate rather than produce inf.
             p = tl.minimum(tl.maximum(p, -65504.0), 65504.0)
-        acc = tl.dot(p.to(vj.dtype), vj, acc, input_precision=DOT_PREC)
+        if DOT_PREC == "3xtf32":  # float32 G and z^_J: lo*hi + hi*lo + hi*hi, one chain
+            p_hi, p_lo = _split_tf32(p)
+            v_hi, v_lo = _split_tf32(vj)
+            acc = tl.dot(p_lo, v_hi, acc, input_precision="tf32")
+            acc = tl.dot(p_hi, v_lo, acc, input_precision="tf32")
+            acc = tl.dot(p_hi, v_hi, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(p.to(vj.dtype), vj, acc, input_precision=DOT_PREC)
 
     scale = g * post_scale
     dzh = acc * scale  # dL/dz^ for this program's rows and column chunk

@@ -72,6 +72,25 @@ def _load_rows(z_ptr, za_ptr, rows, d_offs, B, N, D, s_z0, s_z1, s_a0, s_a1):
 
 
 @triton.jit
+def _split_tf32(x):
+    """x = hi + lo with hi exactly representable in tf32 (round half away on the 13 dropped
+    mantissa bits) and lo = x - hi exact in float32."""
+    xi = x.to(tl.int32, bitcast=True)
+    hi = ((xi + 4096) & -8192).to(tl.float32, bitcast=True)
+    return hi, x - hi
+
+
+@triton.jit
+def _dot3_nt(a_hi, a_lo, b_hi, b_lo):
+    """a b^T to about float32 accuracy with three tf32 tensor-core products (the missing
+    lo*lo term is <= 2^-22 |a||b|). The two cross terms are separate products added
+    elementwise, so the (i, j) entry and the (j, i) entry of the swapped call are the same
+    bits (Triton's built-in "tf32x3" chains them in operand order, which breaks that)."""
+    small = tl.dot(a_hi, tl.trans(b_lo), input_precision="tf32") + tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
+    return tl.dot(a_hi, tl.trans(b_hi), small, input_precision="tf32")
+
+
+@triton.jit
 def _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PREC: tl.constexpr):
@@ -79,10 +98,20 @@ def _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
     same order in forward and backward, so both see the same c_ij)."""
     offs_d = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if DOT_PREC == "3xtf32":
+        small = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         zi_c = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
         zj_c = _load_rows(z_ptr, za_ptr, cols, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-        acc = tl.dot(zi_c, tl.trans(zj_c), acc, input_precision=DOT_PREC)
+        if DOT_PREC == "3xtf32":  # symmetric 3-pass (see _dot3_nt), accumulated per part
+            i_hi, i_lo = _split_tf32(zi_c)
+            j_hi, j_lo = _split_tf32(zj_c)
+            small += tl.dot(i_hi, tl.trans(j_lo), input_precision="tf32") + tl.dot(i_lo, tl.trans(j_hi), input_precision="tf32")
+            acc = tl.dot(i_hi, tl.trans(j_hi), acc, input_precision="tf32")
+        else:
+            acc = tl.dot(zi_c, tl.trans(zj_c), acc, input_precision=DOT_PREC)
+    if DOT_PREC == "3xtf32":
+        acc = acc + small
     return acc
 
 
@@ -123,6 +152,8 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
 
     if SINGLE_D:  # all of D fits one chunk: Z_I stays in registers for the whole row walk
         zi = _load_rows(z_ptr, za_ptr, rows, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
+        if DOT_PREC == "3xtf32":
+            zi_hi, zi_lo = _split_tf32(zi)
     if NORMALIZE:
         inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0)
     if K_MODE == 1:
@@ -140,7 +171,11 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
         cols = n0 + tl.arange(0, BLOCK_N)
         if SINGLE_D:
             zj = _load_rows(z_ptr, za_ptr, cols, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-            acc = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
+            if DOT_PREC == "3xtf32":
+                zj_hi, zj_lo = _split_tf32(zj)
+                acc = _dot3_nt(zi_hi, zi_lo, zj_hi, zj_lo)
+            else:
+                acc = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
         else:
             acc = _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)

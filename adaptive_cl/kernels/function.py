@@ -24,11 +24,12 @@ from .adaptive_info_nce_bwd import _bwd_kernel
 from .adaptive_info_nce_fwd import LOG2E, _fwd_kernel, _row_norm_kernel, block_d
 
 #: ``tl.dot`` precision for float32 inputs when ``torch.get_float32_matmul_precision()`` is
-#: "highest". "ieee" (FMA) computes c_ij and c_ji with the same bits, which keeps the backward's
-#: transposed threshold decisions identical to the forward's. Triton's "tf32x3" is ~3x faster
-#: with about float32 accuracy but sums its cross terms in operand order, so c_ij and c_ji may
-#: differ in the last bit (a decision within rounding of k could then differ between a row's
-#: forward and the transposed use in the backward).
+#: "highest": "ieee" (FMA, exact float32 products) or "3xtf32" (this package's symmetric
+#: three-pass tf32 product: about float32 accuracy, error <= ~3 * 2^-22 |a||b| per dot, ~2.5x
+#: the FMA rate on an H100). Both give c_ij and c_ji the same bits, so the backward's
+#: transposed threshold decisions equal the forward's. (Triton's own "tf32x3" is not used:
+#: it chains the two cross terms in operand order, so c_ij and c_ji can differ in the last bit.)
+#: Override per process with ADAPTIVE_CL_FP32_HIGHEST=ieee|3xtf32.
 HIGHEST_FP32_PRECISION = "ieee"
 
 #: Tile shapes (BLOCK_M, BLOCK_N) under the interpreter; tests may change it.
@@ -69,7 +70,10 @@ def _fixed_config(dtype: torch.dtype, bd: int) -> dict:
 def dot_precision(dtype: torch.dtype) -> str:
     """float32: follow torch's matmul precision; half types ignore it (native tensor cores)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return HIGHEST_FP32_PRECISION
+        choice = os.environ.get("ADAPTIVE_CL_FP32_HIGHEST", HIGHEST_FP32_PRECISION)
+        if choice not in ("ieee", "3xtf32"):
+            raise ValueError(f"ADAPTIVE_CL_FP32_HIGHEST must be 'ieee' or '3xtf32'; got {choice!r}")
+        return choice
     return "tf32"
 
 

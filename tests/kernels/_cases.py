@@ -118,16 +118,16 @@ def _candidates(c, rows):
 
 def _widest_gap(values, lo_q=0.5, hi_q=0.97):
     v = torch.unique(values)
-    if v.numel() < 2:
-        return float(v[0]) + 0.5, 0.5
+    v = torch.cat([v[:1] - 1.0, v, v[-1:] + 1.0])  # allow k below / above every value
     mids = (v[1:] + v[:-1]) / 2
     gaps = (v[1:] - v[:-1]) / 2
     lo, hi = torch.quantile(values, lo_q), torch.quantile(values, hi_q)
     ok = (mids >= lo) & (mids <= hi)
     if not bool(ok.any()):
         ok = torch.ones_like(ok)
-    gaps = torch.where(ok, gaps, torch.zeros_like(gaps))
-    j = int(torch.argmax(gaps))
+    j = int(torch.argmax(torch.where(ok, gaps, torch.zeros_like(gaps))))
+    if gaps[j] < 1e-4:  # degenerate (e.g. D = 1: every c is +-1): the widest gap anywhere
+        j = int(torch.argmax(gaps))
     return float(mids[j]), float(gaps[j])
 
 

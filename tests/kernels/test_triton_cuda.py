@@ -11,7 +11,9 @@ runs from N = 6 to N = 65536 (where the dense float64 N x N matrix would be 34 G
 - autotuned launches, large N (up to 65536, N^2 > 2^31), determinism and peak memory.
 
 Errors: row losses |l - l_ref| <= tol (|l_ref| + L) with L = max|s_ij| (a row loss is a
-difference of logits and can cancel to ~0), gradients ||g - g_ref|| / ||g_ref|| <= tol.
+difference of logits and can cancel to ~0), gradients ||g - g_ref|| / ||g_ref|| <= tol (float32
+at N <= 4096: or <= 3x the error of PyTorch's own float32 dense reference, for inputs where
+float32 itself cannot reach 1e-5).
 tol: float32 "highest" (ieee) 1e-5, float32 "high" (tf32) 2e-3, bfloat16 / float16 2e-2.
 Thresholds sit in the middle of the widest gap between a row's candidate similarities, so no
 c_ij is near k (SPEC: ties within rounding may go either way).
@@ -32,13 +34,21 @@ from adaptive_cl.testing import chunked_loss_and_grads  # noqa: E402
 
 from ._cases import pairwise_cases  # noqa: E402
 
-# name: (dtype, torch float32 matmul precision, tolerance)
+# name: (dtype, torch float32 matmul precision, ADAPTIVE_CL_FP32_HIGHEST, tolerance)
 PRECISIONS = {
-    "fp32-ieee": (torch.float32, "highest", 1e-5),
-    "fp32-tf32": (torch.float32, "high", 2e-3),
-    "bf16": (torch.bfloat16, "highest", 2e-2),
-    "fp16": (torch.float16, "highest", 2e-2),
+    "fp32-ieee": (torch.float32, "highest", "ieee", 1e-5),
+    "fp32-3xtf32": (torch.float32, "highest", "3xtf32", 1e-5),
+    "fp32-tf32": (torch.float32, "high", "ieee", 2e-3),
+    "bf16": (torch.bfloat16, "highest", "ieee", 2e-2),
+    "fp16": (torch.float16, "highest", "ieee", 2e-2),
 }
+
+
+def set_precision(monkeypatch, name):
+    dtype, precision, highest, tol = PRECISIONS[name]
+    torch.set_float32_matmul_precision(precision)
+    monkeypatch.setenv("ADAPTIVE_CL_FP32_HIGHEST", highest)
+    return dtype, tol
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +105,12 @@ def pick_k(z, za, kind, normalize):
     lo, hi = int(0.5 * (count - 1)), max(int(0.97 * (count - 1)), int(0.5 * (count - 1)) + 1)
     j = lo + torch.argmax(gaps[:, lo:hi], dim=1)
     rows = torch.arange(v.shape[0], device=v.device)
+    # Degenerate rows (e.g. D = 1: every c is +-1): the widest gap anywhere, counting the
+    # gaps below the smallest and above the largest value (k outside the range).
+    v = torch.cat([v[:, :1] - 1.0, v, v[:, -1:] + 1.0], dim=1)
+    gaps = v[:, 1:] - v[:, :-1]
+    j = j + 1
+    j = torch.where(gaps[rows, j] < 2e-4, torch.argmax(gaps, dim=1), j)
     k = (v[rows, j] + v[rows, j + 1]) / 2
     margin = float((gaps[rows, j] / 2).min())
     if kind == "scalar":
@@ -107,6 +123,8 @@ def pick_k(z, za, kind, normalize):
 def check(z, za, k, opts, tol, *, upstream=None, chunk=2048):
     """Run the kernel (loss, rows, grads) and compare with the chunked float64 reference."""
     n = 2 * z.shape[0]
+    if upstream is None and opts.get("reduction") == "none":
+        upstream = torch.randn(n, generator=torch.Generator(device="cuda").manual_seed(n), device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
@@ -139,6 +157,16 @@ def check(z, za, k, opts, tol, *, upstream=None, chunk=2048):
         u = 1.0 if upstream is None else float(upstream.abs().max())
         floor = u * logit * n ** 0.5 / float(s.norm(dim=1).min()) / (n if red == "mean" else 1)
     err = float((got - want).norm())
+    if z.dtype == torch.float32 and n <= 4096 and tol < 1e-4:
+        # Near float32's own limit (e.g. raw dot products with a dominant partner, where the
+        # gradient is a small difference of large terms) allow 3x what PyTorch's float32
+        # dense reference itself achieves on the same inputs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            z32, za32 = z.detach().clone().requires_grad_(), za.detach().clone().requires_grad_()
+            adaptive_info_nce(z32, za32, k, backend="reference", **opts).backward(upstream)
+        err32 = float((torch.cat([z32.grad, za32.grad]).double() - want).norm())
+        tol = max(tol, 3.0 * err32 / max(float(want.norm()), 1e-300))
     assert err <= tol * (float(want.norm()) + floor), (err / max(float(want.norm()), 1e-300))
     if isinstance(k, torch.Tensor):
         assert kt.grad is not None and kt.grad.shape == k.shape and not kt.grad.any()
@@ -177,14 +205,13 @@ def _gid(case):
 
 
 @pytest.mark.parametrize("case", GRID, ids=_gid)
-def test_option_grid(case, fixed_config):
-    dtype, precision, tol = PRECISIONS[case["precision"]]
-    torch.set_float32_matmul_precision(precision)
+def test_option_grid(case, fixed_config, monkeypatch):
+    dtype, tol = set_precision(monkeypatch, case["precision"])
     b, d = case["shape"]
     seed = 7 * b + d
     z, za = views(b, d, dtype, seed=seed, normalize=case["normalize"], layout=case["layout"])
     k, margin = pick_k(z, za, case["k"], case["normalize"])
-    assert margin > 1e-4 or b < 4
+    assert margin > 1e-4
     opts = dict(temperature=case["tau"], normalize=case["normalize"], denominator=case["denominator"],
                 weighting=case["weighting"], positive_weight=case["alpha"], reduction=case["reduction"])
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -201,13 +228,13 @@ def test_option_grid(case, fixed_config):
     [
         ("bf16", 4096, 64, "N", dict(temperature=0.1)),
         ("fp32-ieee", 2048, 128, "B", dict(temperature=0.2, weighting="unit", denominator="all")),
+        ("fp32-3xtf32", 2048, 64, "N", dict(temperature=0.05, reduction="none")),
         ("fp32-tf32", 2048, 256, "scalar", dict(temperature=0.05, reduction="sum")),
         ("fp16", 4096, 64, "none", dict(temperature=0.5, normalize=False)),
     ],
 )
-def test_autotuned(precision, b, d, kind, opts):
-    dtype, prec, tol = PRECISIONS[precision]
-    torch.set_float32_matmul_precision(prec)
+def test_autotuned(precision, b, d, kind, opts, monkeypatch):
+    dtype, tol = set_precision(monkeypatch, precision)
     z, za = views(b, d, dtype, seed=b + d, normalize=opts.get("normalize", True))
     k, _ = pick_k(z, za, kind, opts.get("normalize", True))
     check(z, za, k, opts, tol)
@@ -220,14 +247,14 @@ def test_autotuned(precision, b, d, kind, opts):
         ("bf16", 32768, 64, dict(temperature=0.1, reduction="mean")),
         ("fp16", 32768, 128, dict(temperature=0.07, weighting="unit", denominator="all", reduction="none")),
         ("fp32-tf32", 16384, 64, dict(temperature=0.2)),
+        ("fp32-3xtf32", 16384, 64, dict(temperature=0.1, denominator="all")),
     ],
 )
-def test_large_n(precision, b, d, opts):
+def test_large_n(precision, b, d, opts, monkeypatch):
     """k: one scalar at a quantile of a sample of similarities (a per-row gap search at
     N = 65536 would sort 4e9 values); the inputs are exact in the kernel's dtype, so c differs
     from float64 only by float32 accumulation and only entries within ~1e-6 of k can flip."""
-    dtype, prec, tol = PRECISIONS[precision]
-    torch.set_float32_matmul_precision(prec)
+    dtype, tol = set_precision(monkeypatch, precision)
     z, za = views(b, d, dtype, seed=b + d)
     sample = F.normalize(torch.cat([z[:512], za[:512]]).double(), dim=1)
     k = float(torch.quantile((sample @ sample.T).flatten(), 0.9))

@@ -245,3 +245,70 @@ def test_triton_backend_resolves_when_supported():
         from adaptive_cl.kernels import adaptive_info_nce_triton
 
         assert backends.resolve("triton", p) is adaptive_info_nce_triton
+
+
+# ------------------------------------------------------------------ float32 dot precisions
+@pytest.fixture
+def emulate_tf32(monkeypatch):
+    """Make the interpreter's tl.dot drop the 13 low mantissa bits of float32 operands when
+    input_precision is tf32 (as tensor cores do), so precision modes differ here as on a GPU."""
+    if not fwd.INTERPRET:
+        pytest.skip("tf32 emulation patches Triton's interpreter")
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32:
+            def trunc(x):
+                return (np.ascontiguousarray(x).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+            a = interpreter.TensorHandle(trunc(a.data), a.dtype)
+            b = interpreter.TensorHandle(trunc(b.data), b.dtype)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("dchunk", [False, True])
+def test_fp32_highest_three_pass_tf32_meets_float32_tolerance(emulate_tf32, monkeypatch, dchunk):
+    """ADAPTIVE_CL_FP32_HIGHEST=3xtf32 stays within the float32 bound (1e-5) with tf32 products,
+    where a single tf32 pass ("high") does not."""
+    if dchunk:
+        monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)
+    z, za = make_views(40, 70, torch.float32, seed=17, device=DEVICE)
+    k, _ = pick_k(z.cpu(), za.cpu(), "N", True)
+    opts = dict(temperature=0.05, normalize=True, denominator="negatives", weighting="normalized",
+                positive_weight=0.5, reduction="mean")
+    before = torch.get_float32_matmul_precision()
+    try:
+        monkeypatch.setenv("ADAPTIVE_CL_FP32_HIGHEST", "3xtf32")
+        torch.set_float32_matmul_precision("highest")
+        check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 1e-5, 1e-5)
+        torch.set_float32_matmul_precision("high")
+        with pytest.raises(AssertionError):
+            check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 1e-5, 1e-5)
+        check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 2e-3, 2e-3)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_three_pass_deterministic(emulate_tf32, monkeypatch):
+    """The 3xtf32 path: two runs agree bitwise (loss and gradients)."""
+    monkeypatch.setenv("ADAPTIVE_CL_FP32_HIGHEST", "3xtf32")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        z, za = make_views(17, 32, torch.float32, seed=19, device=DEVICE)
+        k, _ = pick_k(z.cpu(), za.cpu(), "B", True)
+        outs = []
+        for _ in range(2):
+            zt, zat = z.clone().requires_grad_(), za.clone().requires_grad_()
+            loss = adaptive_info_nce(zt, zat, k.to(DEVICE), temperature=0.1, backend="triton")
+            loss.backward()
+            outs.append((loss.detach(), zt.grad, zat.grad))
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+    finally:
+        torch.set_float32_matmul_precision(before)
