@@ -13,11 +13,13 @@ interpreter a fixed small config (autotuning there would take minutes).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from . import adaptive_info_nce_fwd as fwd
 from .adaptive_info_nce_bwd import _bwd_kernel
@@ -157,15 +159,21 @@ def backward_rows(z, z_aug, k_t, k_scalar, stats, lse2, cnt, consts, o, grad):
     return dz, dza
 
 
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class AdaptiveInfoNCEFunction(torch.autograd.Function):
     """apply(z, z_aug, k_rows, k_scalar, options) -> the reduced loss (float32).
 
     ``k_rows``: None or an (N,) tensor (gets a zero gradient: the hard threshold is flat);
-    ``k_scalar``: a Python float (then pass k_rows=None)."""
+    ``k_scalar``: a Python float (then pass k_rows=None). Differentiable once."""
 
     @staticmethod
     def forward(ctx, z, z_aug, k_rows, k_scalar, options):
-        loss, lse2, cnt, stats, k_t, consts = forward_rows(z, z_aug, k_rows, k_scalar, options)
+        with _on_device(z):
+            loss, lse2, cnt, stats, k_t, consts = forward_rows(z, z_aug, k_rows, k_scalar, options)
         ctx.save_for_backward(z, z_aug, k_t, stats, lse2, cnt)
         ctx.k_scalar = k_scalar
         ctx.consts = consts
@@ -178,12 +186,14 @@ class AdaptiveInfoNCEFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         z, z_aug, k_t, stats, lse2, cnt = ctx.saved_tensors
         dz = dza = dk = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dz, dza = backward_rows(z, z_aug, k_t, ctx.k_scalar, stats, lse2, cnt, ctx.consts,
-                                    ctx.options, grad)
+            with _on_device(z):
+                dz, dza = backward_rows(z, z_aug, k_t, ctx.k_scalar, stats, lse2, cnt, ctx.consts,
+                                        ctx.options, grad)
             dz = dz if ctx.needs_input_grad[0] else None
             dza = dza if ctx.needs_input_grad[1] else None
         if ctx.needs_input_grad[2]:
