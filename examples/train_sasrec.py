@@ -4,7 +4,7 @@
     python examples/train_sasrec.py --data Beauty.txt --method duorec --epochs 100 --out runs/x
 
 Without ``--data`` it trains on the embedded synthetic dataset (planted sequential structure,
-sequences of ~12 items) with a short schedule (``--epochs 5``, ``--max-len 20``) that finishes
+sequences of ~12 items) with a short schedule (``--epochs 3``, ``--max-len 20``) that finishes
 in under three minutes on a 2-core CPU; with ``--data`` the defaults are METHODS.md's
 (``--epochs 100``, ``--max-len 50``, early stopping with patience 10).
 """
@@ -25,7 +25,7 @@ from adaptive_cl.rec.objectives import CONTRASTS
 from adaptive_cl.rec.synthetic import make_synthetic
 from adaptive_cl.rec.train import METHODS, PRESETS, SIMTHRES, TrainConfig, train
 
-SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 5, 20
+SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
 TABLE_METRICS = ("NDCG@5", "NDCG@10", "NDCG@20", "Recall@5", "Recall@10", "Recall@20",
                  "MRR@10")
