@@ -24,6 +24,11 @@ def split():
     return leave_one_out(make_synthetic(num_users=300, num_items=60, mean_length=10.0), 10)
 
 
+@pytest.fixture(scope="module")
+def small_split():
+    return leave_one_out(make_synthetic(num_users=120, num_items=40, mean_length=8.0), 10)
+
+
 def config(**kw) -> TrainConfig:
     base = dict(epochs=4, batch_size=64, max_len=10, hidden=16, inner=32, lr=5e-3,
                 holdout_size=64, progress=False, seed=3)
@@ -53,17 +58,17 @@ class Interrupt(Exception):
          kstat_method="batch_mean"),
     dict(method="cl4srec"),
 ])
-def test_resume_is_bit_identical(split, tmp_path, kw):
+def test_resume_is_bit_identical(small_split, tmp_path, kw):
     cfg = config(**kw)
-    full = train(cfg, split, tmp_path / "full")
+    full = train(cfg, small_split, tmp_path / "full")
 
     def stop_after_two(row):
         if row["epoch"] == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train(cfg, split, tmp_path / "cut", callback=stop_after_two)
-    resumed = train(cfg, split, tmp_path / "cut", resume=True)
+        train(cfg, small_split, tmp_path / "cut", callback=stop_after_two)
+    resumed = train(cfg, small_split, tmp_path / "cut", resume=True)
 
     def strip(history):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
@@ -78,16 +83,16 @@ def test_resume_is_bit_identical(split, tmp_path, kw):
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
 
 
-def test_resume_rejects_a_different_config(split, tmp_path):
-    train(config(epochs=1), split, tmp_path)
+def test_resume_rejects_a_different_config(small_split, tmp_path):
+    train(config(epochs=1), small_split, tmp_path)
     with pytest.raises(ValueError, match="lr"):
-        train(config(epochs=2, lr=1e-2), split, tmp_path, resume=True)
+        train(config(epochs=2, lr=1e-2), small_split, tmp_path, resume=True)
     with pytest.raises(ValueError, match="no checkpoint"):
-        train(config(), split, tmp_path / "empty", resume=True)
+        train(config(), small_split, tmp_path / "empty", resume=True)
 
 
-def test_checkpoint_write_is_atomic(split, tmp_path, monkeypatch):
-    trainer = Trainer(config(epochs=1), split, tmp_path)
+def test_checkpoint_write_is_atomic(small_split, tmp_path, monkeypatch):
+    trainer = Trainer(config(epochs=1), small_split, tmp_path)
     trainer.fit()
     path = tmp_path / CHECKPOINT
     before = path.read_bytes()
@@ -118,10 +123,10 @@ def test_flattened_threshold_needs_drop_last():
         TrainConfig.from_preset("fast")
 
 
-def test_paper_style_run_with_flattened_threshold(split):
+def test_paper_style_run_with_flattened_threshold(small_split):
     results = train(config(epochs=2, simthres="learnable-flat", drop_last=True,
                            lr_schedule="cosine", denominator="all", kstat_method="batch_mean"),
-                    split)
+                    small_split)
     assert all(row["k"] is not None for row in results["history"])
     assert "reg" in results["history"][-1]
     first, second = (row["lr"] for row in results["history"])
