@@ -187,3 +187,11 @@ def test_cli_bad_arguments(argv, flag, capsys):
         _cli().main(argv)
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_early_stopping_and_test_from_the_best_epoch(small_split):
+    trainer = Trainer(config(epochs=10, patience=2, lr=1e-12, method="sasrec"), small_split)
+    results = trainer.fit()  # a negligible lr: validation never improves after epoch 1
+    assert results["epochs"] == 3 and len(results["history"]) == 3
+    assert results["valid"] == results["history"][0]["valid"]
+    assert results["test"] == trainer.evaluate("test", trainer.best_state)
