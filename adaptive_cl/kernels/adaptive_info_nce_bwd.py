@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .adaptive_info_nce_fwd import _chunked_dot, _dot3_nt, _load_rows, _split_tf32
+from .adaptive_info_nce_fwd import _chunked_dot, _dot3_nt, _load_rows, _special_tile, _split_tf32
 
 
 @triton.jit
@@ -69,6 +69,49 @@ def _store_rows(dz_ptr, dza_ptr, rows, d_offs, vals, B, N, D, s_d0, s_d1, s_e0, 
 
 
 @triton.jit
+def _grad_tile(c, rows, cols, prow, N, k_i, k_j, soft_i, wx_i, wp_i, soft_j, wx_j, wp_j, qk_scale,
+               MASKED: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
+               DEN_ALL: tl.constexpr):
+    """(G_IJ, G_JI^T) of one tile without the upstream factors: row i's and row j's
+    dl/ds on the same entries. MASKED: the tile may hold the diagonal, partners or columns >= N
+    (see _special_tile); otherwise every entry is a candidate of both rows."""
+    t = c * qk_scale
+    if FIXED_SHIFT:
+        e = tl.exp2(t - qk_scale)  # one exponential serves both rows
+        a_i = e * soft_i[:, None]
+        a_j = e * soft_j[None, :]
+    else:
+        a_i = tl.exp2(t - soft_i[:, None])
+        a_j = tl.exp2(t - soft_j[None, :])
+    if MASKED:
+        valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
+        partner = cols[None, :] == prow[:, None]
+    if K_MODE != 0:
+        ex_i = c > k_i[:, None]
+        if K_MODE == 1:
+            ex_j = ex_i  # one k for every row: the same decision both ways
+        else:
+            ex_j = c > k_j[None, :]
+        if MASKED:
+            cand = valid & (~partner)
+            ex_i = ex_i & cand
+            ex_j = ex_j & cand
+        if DEN_ALL:  # extra positives stay in the denominator
+            g_i = a_i - tl.where(ex_i, wx_i[:, None], 0.0)
+            g_j = a_j - tl.where(ex_j, wx_j[None, :], 0.0)
+        else:  # an extra positive leaves the denominator
+            g_i = tl.where(ex_i, -wx_i[:, None], a_i)
+            g_j = tl.where(ex_j, -wx_j[None, :], a_j)
+    else:
+        g_i = a_i
+        g_j = a_j
+    if MASKED:
+        g_i = tl.where(valid, g_i, 0.0) - tl.where(partner, wp_i[:, None], 0.0)
+        g_j = tl.where(valid, g_j, 0.0) - tl.where(partner, wp_j[None, :], 0.0)
+    return g_i, g_j
+
+
+@triton.jit
 def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, dz_ptr, dza_ptr,
                 B, N, D, s_z0, s_z1, s_a0, s_a1, s_k, s_d0, s_d1, s_e0, s_e1,
                 k_scalar, qk_scale, alpha, post_scale,
@@ -76,9 +119,9 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
                 DEN_ALL: tl.constexpr, UNIT: tl.constexpr, PER_ROW_U: tl.constexpr,
                 SINGLE_D: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+    r0 = tl.program_id(0) * BLOCK_M
     pid_d = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     prow = tl.where(rows < B, rows + B, rows - B)
     offs_d = tl.arange(0, BLOCK_D)
@@ -97,8 +140,7 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
     soft_i, wx_i, wp_i = _row_weights(lse2_i, cnt_i, alpha, shift2, FIXED_SHIFT, UNIT)
     if NORMALIZE:
         inv_i = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    if K_MODE == 1:
-        k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
+    k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar  # K_MODE 0: unused
     if K_MODE == 2:
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
     if SINGLE_D:
@@ -134,47 +176,23 @@ def _bwd_kernel(z_ptr, za_ptr, stats_ptr, k_ptr, lse2_ptr, m_ptr, u_ptr, g_ptr, 
             c = tl.minimum(tl.maximum(c_raw, -1.0), 1.0)
         else:
             c = s_raw
-
-        valid = (cols[None, :] != rows[:, None]) & col_ok[None, :]
-        partner = cols[None, :] == prow[:, None]
-        t = c * qk_scale
-        if K_MODE != 0:
-            cand = valid & (~partner)
-            if K_MODE == 1:
-                ex_i = cand & (c > k_i[:, None])
-                ex_j = ex_i  # one k for every row: the same decision both ways
-            else:
-                k_j = tl.load(k_ptr + cols.to(tl.int64) * s_k, mask=col_ok, other=0.0).to(tl.float32)
-                ex_i = cand & (c > k_i[:, None])
-                ex_j = cand & (c > k_j[None, :])
-            if DEN_ALL:
-                den_i = valid
-                den_j = valid
-            else:
-                den_i = valid & (~ex_i)
-                den_j = valid & (~ex_j)
+        if K_MODE == 2:
+            k_j = tl.load(k_ptr + cols.to(tl.int64) * s_k, mask=col_ok, other=0.0).to(tl.float32)
         else:
-            den_i = valid
-            den_j = valid
-        if FIXED_SHIFT:
-            e = tl.exp2(t - shift2)  # one exponential serves both rows
-            gi = tl.where(den_i, e * soft_i[:, None], 0.0)
-            gj = tl.where(den_j, e * soft_j[None, :], 0.0)
+            k_j = k_i  # unused
+        if _special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
+            gi, gj = _grad_tile(c, rows, cols, prow, N, k_i, k_j, soft_i, wx_i, wp_i, soft_j, wx_j,
+                                wp_j, qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
         else:
-            gi = tl.where(den_i, tl.exp2(t - soft_i[:, None]), 0.0)
-            gj = tl.where(den_j, tl.exp2(t - soft_j[None, :]), 0.0)
-        gi = gi - tl.where(partner, wp_i[:, None], 0.0)
-        gj = gj - tl.where(partner, wp_j[None, :], 0.0)
-        if K_MODE != 0:
-            gi = gi - tl.where(ex_i, wx_i[:, None], 0.0)
-            gj = gj - tl.where(ex_j, wx_j[None, :], 0.0)
+            gi, gj = _grad_tile(c, rows, cols, prow, N, k_i, k_j, soft_i, wx_i, wp_i, soft_j, wx_j,
+                                wp_j, qk_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL)
         if PER_ROW_U:
             u_j = tl.load(u_ptr + cols, mask=col_ok, other=0.0) / g_div
             p = gi * u_i[:, None] + gj * u_j[None, :]
         else:
             p = gi + gj
         if NORMALIZE:
-            p = tl.where((c_raw >= -1.0) & (c_raw <= 1.0), p, 0.0)  # clamp's gradient
+            p = tl.where(c == c_raw, p, 0.0)  # clamp's gradient: c_raw within [-1, 1]
             if not SINGLE_D:
                 rad += tl.sum(p * c_raw, axis=1)
             vj = (zj.to(tl.float32) * inv_j[:, None]).to(zj.dtype)  # z^_J, values in [-1, 1]

@@ -136,6 +136,56 @@ def _row_norm_kernel(z_ptr, za_ptr, stats_ptr, B, N, D, s_z0, s_z1, s_a0, s_a1,
 
 
 @triton.jit
+def _special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Does column tile [n0, n0 + BLOCK_N) hold, for some row of [r0, r0 + BLOCK_M), the row
+    itself, its partner, or columns past N? Only such tiles (at most 3 of the N / BLOCK_N per
+    row block) pay for the self / partner / bounds masks."""
+    hi = n0 + BLOCK_N
+    self_hit = (n0 < r0 + BLOCK_M) & (hi > r0)
+    a1 = r0 + B  # partners of the block's rows in z: [r0 + B, min(r0 + BM, B) + B)
+    b1 = tl.minimum(r0 + BLOCK_M, B) + B
+    a2 = tl.maximum(r0, B) - B  # partners of its rows in z_aug
+    b2 = tl.minimum(r0 + BLOCK_M, N) - B
+    p1 = (a1 < b1) & (n0 < b1) & (hi > a1)
+    p2 = (a2 < b2) & (n0 < b2) & (hi > a2)
+    return self_hit | p1 | p2 | (hi > N)
+
+
+@triton.jit
+def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, qk_scale,
+              MASKED: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
+              DEN_ALL: tl.constexpr):
+    """Fold one tile of cosines (or dots) c into the row statistics. MASKED: the tile may
+    contain the diagonal, partners or columns >= N; otherwise every entry is a candidate."""
+    if MASKED:
+        valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
+    if K_MODE != 0:
+        extra = c > k_i[:, None]
+        if MASKED:
+            extra = extra & valid & (cols[None, :] != prow[:, None])
+        cnt += tl.sum(extra.to(tl.float32), axis=1)
+        sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
+    t = c * qk_scale
+    if FIXED_SHIFT:
+        e = tl.exp2(t - qk_scale)
+        if K_MODE != 0 and not DEN_ALL:
+            e = tl.where(extra, 0.0, e)
+        if MASKED:
+            e = tl.where(valid, e, 0.0)
+        l_run += tl.sum(e, axis=1)
+    else:
+        if K_MODE != 0 and not DEN_ALL:
+            t = tl.where(extra, float("-inf"), t)
+        if MASKED:
+            t = tl.where(valid, t, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(t, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no Den entry yet: avoid inf-inf
+        l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
+        m_run = m_new
+    return m_run, l_run, cnt, sum_c
+
+
+@triton.jit
 def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
                 B, N, D, s_z0, s_z1, s_a0, s_a1, s_k,
                 k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha,
@@ -144,8 +194,8 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load).
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r0 = tl.program_id(0) * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     prow = tl.where(rows < B, rows + B, rows - B)
     offs_d = tl.arange(0, BLOCK_D)
@@ -156,8 +206,7 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
             zi_hi, zi_lo = _split_tf32(zi)
     if NORMALIZE:
         inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0)
-    if K_MODE == 1:
-        k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
+    k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar  # K_MODE 0: unused
     if K_MODE == 2:
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
 
@@ -185,26 +234,12 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
             c = tl.minimum(tl.maximum(c, -1.0), 1.0)
         else:
             c = acc
-        valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
-        if K_MODE != 0:
-            extra = valid & (cols[None, :] != prow[:, None]) & (c > k_i[:, None])
-            cnt += tl.sum(extra.to(tl.float32), axis=1)
-            sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
-            if DEN_ALL:
-                den = valid
-            else:
-                den = valid & (~extra)
+        if _special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
+            m_run, l_run, cnt, sum_c = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c,
+                                                 qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
         else:
-            den = valid
-        t = c * qk_scale
-        if FIXED_SHIFT:
-            l_run += tl.sum(tl.where(den, tl.exp2(t - shift2), 0.0), axis=1)
-        else:
-            t = tl.where(den, t, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(t, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no Den entry yet: avoid inf-inf
-            l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
-            m_run = m_new
+            m_run, l_run, cnt, sum_c = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c,
+                                                 qk_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL)
 
     l_run = tl.where(row_ok, l_run, 1.0)  # padding rows: keep log2 finite
     if FIXED_SHIFT:
