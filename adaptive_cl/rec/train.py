@@ -464,6 +464,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train until ``epochs`` or early stopping, then test the best epoch's weights."""
         c = self.config
+        bar = tqdm(total=c.epochs, initial=self.epoch, desc=c.method, unit="epoch",
+                   disable=not c.progress)
         while self.epoch < c.epochs and self.bad_epochs < c.patience:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps
@@ -485,12 +487,13 @@ class Trainer:
             self.history.append(row)
             self.epoch += 1
             self.save_checkpoint()
-            if c.progress:
-                k = "-" if row["k"] is None else f"{row['k']:.3f}"
-                tqdm.write(f"epoch {row['epoch']:3d}  loss {row['loss']:.4f}  k {k}  "
-                           f"valid NDCG@10 {metric:.4f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}",
+                            k="-" if row["k"] is None else f"{row['k']:.3f}",
+                            ndcg10=f"{metric:.4f}", best=self.best_epoch, refresh=False)
+            bar.update()
             if self.callback is not None:
                 self.callback(row)
+        bar.close()
         return self.results()
 
     def results(self) -> dict:
