@@ -55,7 +55,7 @@ SCHEDULES = ("constant", "cosine")
 SIMILARITIES = ("auto", "cos", "dot")
 CHECKPOINT = "checkpoint.pt"
 #: Fields a resumed run may change; everything else must match the checkpoint's config.
-RESUMABLE_CHANGES = ("epochs", "patience", "progress")
+RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms")
 HISTOGRAM_BINS = 64
 
 #: What the "paper" preset changes: the released AdaptiveRec configuration (METHODS.md).
