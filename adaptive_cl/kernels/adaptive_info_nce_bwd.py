@@ -14,8 +14,10 @@ own rows of dz / dz_aug: bitwise deterministic.
 
 Exponentials per tile element: 1 with FIXED_SHIFT (E_ij = exp2(t_ij - log2e/tau) is shared by
 rows i and j, each scaled by r = W exp2(shift - lse2) per row), 2 with the online max
-(normalize=False or tiny tau). Dots per tile: 2 (recompute S, then G Z^_J). Other FP32 ops per
-element: about 14 without k, 20 with k (two thresholds, the weights of both rows).
+(normalize=False or tau < 0.03). Dots per tile: 2 (recompute S, then G Z^_J; 3 tf32 passes
+each with "3xtf32"). Other FP32 ops per element on interior tiles (see _special_tile): about
+10 without k (c, clamp and its gradient mask, exponent, the two row scalings, the sum, the
+cast), 4 more with k (two thresholds, two selects), 3 more with per-row upstream gradients.
 
 Numerics of the second dot: G is scaled by 1/max|u| (u_i / max|u| in [-1, 1]) before it is
 cast to the input dtype, and the product by max|u|/tau is applied to the float32 result, so a

@@ -19,10 +19,16 @@ Per row it writes lse2_i = log2 sum_{Den(i)} exp2(t_ij) (base 2), m_i = |A(i)| a
 l_i (SPEC.md's four numbers; the partner logit is an O(BLOCK_M * D) row-wise dot in the
 epilogue, not a per-element select). Extra memory: 3 floats per row.
 
-Cost per tile element (BLOCK_M x BLOCK_N): 1 exp2, D MACs in the dot, about 8 other FP32 ops
-without k (scale, clamp, 2 compares, select, add) and 6 more with k (compare with k, count,
-masked sum). Options are ``tl.constexpr`` so each combination compiles to its own kernel with
-no dead work.
+Only the (at most 3) column tiles of a row block that hold its diagonal, its partners or
+columns >= N (``_special_tile``) build the self / partner / bounds masks; every other tile
+knows all its entries are candidates.
+
+Cost per tile element (BLOCK_M x BLOCK_N), interior tiles, FIXED_SHIFT: 1 exp2, D MACs in the
+dot (3 tf32 passes with "3xtf32"), about 7 other FP32 ops without k (2 mul for c, 2 clamp, 1
+FMA for the exponent, the row-sum add) and 6 more with k (compare, count, masked sum of c,
+the denominator select). The online max adds a max-reduction and a rescale per row per tile.
+Options are ``tl.constexpr``, so each combination compiles to its own kernel with no dead
+work. Launch configuration (tile sizes, autotuning) lives in function.py.
 """
 
 from __future__ import annotations
