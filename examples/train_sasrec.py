@@ -23,7 +23,7 @@ from adaptive_cl.rec.data import FORMATS, DataFormatError, leave_one_out, load_d
 from adaptive_cl.rec.metrics import evaluate_popularity
 from adaptive_cl.rec.objectives import CONTRASTS
 from adaptive_cl.rec.synthetic import make_synthetic
-from adaptive_cl.rec.train import METHODS, PRESETS, SIMTHRES, TrainConfig, train
+from adaptive_cl.rec.train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
@@ -136,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
           f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
           f"{config.device}", flush=True)
-    results = train(config, split, args.out, resume=args.resume, dataset=data.name)
+    trainer = Trainer(config, split, args.out, dataset=data.name)
+    if args.resume:
+        try:
+            trainer.resume()
+        except ValueError as err:
+            print(f"train_sasrec.py: error: argument --resume: {err}", file=sys.stderr)
+            return 2
+    results = trainer.fit()
     popularity = {which: evaluate_popularity(split, which) for which in ("valid", "test")}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,10 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     printed = capsys.readouterr().out
     assert "popularity" in printed and "NDCG@10" in printed
+    argv = ["--data", str(path), "--max-len", "10", "--out", str(out), "--resume"]
+    assert _cli().main([*argv, "--method", "sasrec"]) == 2  # another config than the checkpoint
+    err = capsys.readouterr().err
+    assert "--resume" in err and "method='adaptiverec'" in err
 
 
 def test_cli_reports_malformed_data(tmp_path, capsys):
