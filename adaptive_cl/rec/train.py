@@ -169,6 +169,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.simthres == "learnable-flat" and not self.drop_last:
             raise ValueError("simthres='learnable-flat' has a fixed batch size: set drop_last=True")
+        if self.record_histograms and self.kstat_bins % HISTOGRAM_BINS:
+            raise ValueError(f"kstat_bins must be a multiple of {HISTOGRAM_BINS} to record "
+                             f"histograms, got {self.kstat_bins}")
         if self.threshold == "soft" and self.simthres == "none":
             raise ValueError("threshold='soft' needs a simthres other than 'none'")
 

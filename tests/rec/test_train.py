@@ -121,6 +121,8 @@ def test_flattened_threshold_needs_drop_last():
         config(method="bert4rec")
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_preset("fast")
+    with pytest.raises(ValueError, match="kstat_bins"):
+        config(kstat_bins=1000, record_histograms=True)
 
 
 def test_paper_style_run_with_flattened_threshold(small_split):
