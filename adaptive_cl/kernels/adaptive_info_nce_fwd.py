@@ -12,14 +12,16 @@ BLOCK_D chunks when D is wide) and, per element:
   the same bits: the backward re-evaluates row j's decisions on program I's c_ij);
 - t = c * log2(e)/tau (base-2 logits, scale folded);
 - membership of row i: valid (j != i, j < N), extra positive (j in N(i), c > k_i);
-- FIXED_SHIFT (normalize and tau >= 0.025): p = exp2(t - log2(e)/tau), |c| <= 1 makes this a
+- FIXED_SHIFT (normalize and tau >= 0.03): p = exp2(t - log2(e)/tau), |c| <= 1 makes this a
   valid log-sum-exp shift, so no running max and no rescale; otherwise the online max.
 
 Per row it writes lse2_i = log2 sum_{Den(i)} exp2(t_ij) (base 2), m_i = |A(i)| and the loss
-l_i (SPEC.md's four numbers; the partner logit is an O(BLOCK_M * D) row-wise dot in the
-epilogue, not a per-element select). Extra memory: 3 floats per row.
+l_i (SPEC.md's four numbers; the partner's c is read from the special tile that holds it, the
+same value that enters the LSE, and with the fixed shift the loss is formed as
+ln(l_i) + (1 - c_ip)/tau so a dominant partner does not cancel two terms of size 1/tau).
+Extra memory: 3 floats per row.
 
-Only the (at most 3) column tiles of a row block that hold its diagonal, its partners or
+Only the few column tiles (about 2 BLOCK_M / BLOCK_N + 3) of a row block that hold its diagonal, its partners or
 columns >= N (``_special_tile``) build the self / partner / bounds masks; every other tile
 knows all its entries are candidates.
 
@@ -144,7 +146,7 @@ def _row_norm_kernel(z_ptr, za_ptr, stats_ptr, B, N, D, s_z0, s_z1, s_a0, s_a1,
 @triton.jit
 def _special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Does column tile [n0, n0 + BLOCK_N) hold, for some row of [r0, r0 + BLOCK_M), the row
-    itself, its partner, or columns past N? Only such tiles (at most 3 of the N / BLOCK_N per
+    itself, its partner, or columns past N? Only such tiles (a few of the N / BLOCK_N per
     row block) pay for the self / partner / bounds masks."""
     hi = n0 + BLOCK_N
     self_hit = (n0 < r0 + BLOCK_M) & (hi > r0)
@@ -158,13 +160,16 @@ def _special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, qk_scale,
+def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, c_par, qk_scale,
               MASKED: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
               DEN_ALL: tl.constexpr):
     """Fold one tile of cosines (or dots) c into the row statistics. MASKED: the tile may
     contain the diagonal, partners or columns >= N; otherwise every entry is a candidate."""
     if MASKED:
         valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
+        # The partner's c, taken from the tile that also feeds its exponential, so that
+        # LSE_i - s_ip cancels consistently when the partner dominates.
+        c_par += tl.sum(tl.where(cols[None, :] == prow[:, None], c, 0.0), axis=1)
     if K_MODE != 0:
         extra = c > k_i[:, None]
         if MASKED:
@@ -188,7 +193,7 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, qk_scale,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no Den entry yet: avoid inf-inf
         l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
         m_run = m_new
-    return m_run, l_run, cnt, sum_c
+    return m_run, l_run, cnt, sum_c, c_par
 
 
 @triton.jit
@@ -221,6 +226,7 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     sum_c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_M], dtype=tl.float32)  # c_{i, p(i)}
 
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -241,11 +247,11 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
         else:
             c = acc
         if _special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
-            m_run, l_run, cnt, sum_c = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c,
-                                                 qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
+            m_run, l_run, cnt, sum_c, dp = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt,
+                                                     sum_c, dp, qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
         else:
-            m_run, l_run, cnt, sum_c = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c,
-                                                 qk_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL)
+            m_run, l_run, cnt, sum_c, dp = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt,
+                                                     sum_c, dp, qk_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL)
 
     l_run = tl.where(row_ok, l_run, 1.0)  # padding rows: keep log2 finite
     if FIXED_SHIFT:
@@ -253,30 +259,28 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
     else:
         lse2 = tl.where(row_ok, m_run, 0.0) + tl.log2(l_run)
 
-    # Partner logit: a row-wise dot with the partner row (O(BLOCK_M * D), once per row).
-    dp = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        a = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
-        b = _load_rows(z_ptr, za_ptr, prow, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
-        dp += tl.sum(a * b, axis=1)
-    if NORMALIZE:
-        inv_p = tl.load(inv_ptr + prow, mask=row_ok, other=0.0)
-        dp = tl.minimum(tl.maximum(dp * (inv_i * inv_p), -1.0), 1.0)
-
-    lse = lse2 * 0.6931471805599453  # natural-log LSE_i
-    s_p = dp * inv_tau
+    if FIXED_SHIFT:
+        # Written around the shift 1/tau, so a dominant partner (l ~ exp(s_p - 1/tau)) cancels
+        # two terms of size (1 - c_p)/tau rather than two of size 1/tau:
+        # LSE_i - s_ip = ln(l_i) + (1 - c_ip)/tau, sum_A (LSE_i - s_ij) = m ln(l_i) + sum_A (1 - c_ij)/tau.
+        ln_l = tl.log(l_run)
+        ce_p = ln_l + (1.0 - dp) * inv_tau
+        pos = cnt * ln_l + (cnt - sum_c) * inv_tau
+    else:
+        lse = lse2 * 0.6931471805599453  # natural-log LSE_i
+        ce_p = lse - dp * inv_tau
+        pos = cnt * lse - sum_c * inv_tau  # sum over A(i) of (LSE_i - s_ij)
     if K_MODE != 0:
         guard = tl.maximum(cnt, 1.0)
-        pos = cnt * lse - sum_c * inv_tau  # sum over A(i) of (LSE_i - s_ij)
         if UNIT:
-            loss = (lse - s_p) - log_alpha + pos - cnt * (log_1m_alpha - tl.log(guard))
+            loss = ce_p - log_alpha + pos - cnt * (log_1m_alpha - tl.log(guard))
         else:
-            loss = alpha * (lse - s_p) + (1.0 - alpha) / guard * pos
+            loss = alpha * ce_p + (1.0 - alpha) / guard * pos
     else:
         if UNIT:
-            loss = (lse - s_p) - log_alpha
+            loss = ce_p - log_alpha
         else:
-            loss = alpha * (lse - s_p)
+            loss = alpha * ce_p
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(lse2_ptr + rows, lse2, mask=row_ok)
     tl.store(m_ptr + rows, cnt, mask=row_ok)
