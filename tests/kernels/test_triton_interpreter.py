@@ -312,3 +312,25 @@ def test_three_pass_deterministic(emulate_tf32, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(*outs))
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+# Every combination of the options that change the kernels' per-element logic (threshold
+# kind x denominator x weighting x exponent path), on one small odd shape: the pairwise design
+# above only guarantees pairs, and these four interact inside the same few lines.
+CORE = [(k, den, w, path) for k in ("none", "scalar", "B", "N") for den in ("negatives", "all")
+        for w in ("normalized", "unit") for path in ("fixed", "online", "dot")]
+
+
+@pytest.mark.parametrize("kind,den,weighting,path", CORE, ids=["-".join(c) for c in CORE])
+def test_core_option_product(kind, den, weighting, path):
+    normalize = path != "dot"
+    tau = {"fixed": 0.2, "online": 0.02, "dot": 0.5}[path]
+    z, za = make_views(17, 7, torch.float32, seed=23, normalize=normalize, device=DEVICE)
+    k, margin = pick_k(z.cpu(), za.cpu(), kind, normalize)
+    assert margin > 1e-4
+    if isinstance(k, torch.Tensor):
+        k = k.to(DEVICE)
+    opts = dict(temperature=tau, normalize=normalize, denominator=den, weighting=weighting,
+                positive_weight=0.4, reduction="none")
+    u = torch.randn(34, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    check_against_reference(z, za, k, opts, torch.float32, u, 1e-5, 1e-5)
