@@ -42,10 +42,15 @@ def triton_unavailable_reason(p: Prepared) -> str | None:
     return kernels.unsupported_reason(p)
 
 
-def resolve(name: str, p: Prepared) -> Backend:
-    """Map a backend name to its implementation for these inputs, or raise a clear error."""
+def check_name(name: object) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
+    return name
+
+
+def resolve(name: str, p: Prepared) -> Backend:
+    """Map a backend name to its implementation for these inputs, or raise a clear error."""
+    check_name(name)
     if name == "reference":
         return adaptive_info_nce_reference
     if name == "compiled":

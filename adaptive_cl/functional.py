@@ -5,7 +5,20 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .contract import make_options, prepare
+from .contract import LossOptions, make_options, prepare
+
+
+def apply_loss(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    k: torch.Tensor | float | None,
+    labels: torch.Tensor | None,
+    options: LossOptions,
+    backend: str,
+) -> torch.Tensor:
+    """Validate the tensors against checked options and run the chosen backend (the functional
+    and the Module share this)."""
+    return apply_loss(z, z_aug, k, labels, options, backend)
 
 
 def adaptive_info_nce(
@@ -69,5 +82,4 @@ def adaptive_info_nce(
         threshold_scale=threshold_scale,
         reduction=reduction,
     )
-    p = prepare(z, z_aug, k, labels, options)
-    return backends.resolve(backend, p)(p)
+    return apply_loss(z, z_aug, k, labels, options, backend)

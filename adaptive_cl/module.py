@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from . import backends
-from .contract import make_options, prepare
+from .contract import make_options
+from .functional import apply_loss
 
 
 class AdaptiveInfoNCE(nn.Module):
@@ -39,9 +40,7 @@ class AdaptiveInfoNCE(nn.Module):
             threshold_scale=threshold_scale,
             reduction=reduction,
         )
-        if not isinstance(backend, str) or backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, backends.BACKENDS))}; got {backend!r}")
-        self.backend = backend
+        self.backend = backends.check_name(backend)
 
     def forward(
         self,
@@ -50,8 +49,7 @@ class AdaptiveInfoNCE(nn.Module):
         k: torch.Tensor | float | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        p = prepare(z, z_aug, k, labels, self.options)
-        return backends.resolve(self.backend, p)(p)
+        return apply_loss(z, z_aug, k, labels, self.options, self.backend)
 
     def extra_repr(self) -> str:
         o = self.options
