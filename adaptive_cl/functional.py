@@ -18,7 +18,8 @@ def apply_loss(
 ) -> torch.Tensor:
     """Validate the tensors against checked options and run the chosen backend (the functional
     and the Module share this)."""
-    return apply_loss(z, z_aug, k, labels, options, backend)
+    p = prepare(z, z_aug, k, labels, options)
+    return backends.resolve(backend, p)(p)
 
 
 def adaptive_info_nce(
