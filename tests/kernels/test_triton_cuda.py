@@ -15,11 +15,19 @@ the most pairs, one autotuned and one N = 65536 case: about a minute and a half 
 from a cold Triton cache, to fit benchmarks/gpu_check.py's 150 s test budget);
 ``ADAPTIVE_CL_CUDA_FULL=1`` runs everything (a few minutes, mostly compilation).
 
-Errors: row losses |l - l_ref| <= tol (|l_ref| + L) with L = max|s_ij| (a row loss is a
-difference of logits and can cancel to ~0), gradients ||g - g_ref|| / ||g_ref|| <= tol (float32
-at N <= 4096: or <= 3x the error of PyTorch's own float32 dense reference, for inputs where
-float32 itself cannot reach 1e-5).
-tol: float32 "highest" (ieee) 1e-5, float32 "high" (tf32) 2e-3, bfloat16 / float16 2e-2.
+Errors (the issue's bounds, tol: float32 "highest" (ieee, 3xtf32) 1e-5, float32 "high" (tf32)
+2e-3, bfloat16 / float16 2e-2), all against float64 on the same (kernel-dtype) inputs:
+- the reduced loss: |L - L_ref| <= tol |L_ref| (reduction "none": the vector's norm ratio);
+- each gradient: ||g - g_ref|| / ||g_ref|| <= tol (dz and dz_aug separately and together). The
+  one exception: normalize with D = 1, where z^ = sign(z) makes the exact gradient 0 and a norm
+  ratio is undefined; there the bound is tol times the size of dL/dz^ / |z| (``floor``);
+- each row loss: |l - l_ref| <= tol (|l_ref| + L), L = max|s_ij| (a documented per-row scale: a
+  row loss is a difference of logits and can cancel to ~0).
+No looser fallback: inputs are chosen so that float32 arithmetic can meet these bounds (at
+tau < 0.05 the views are less correlated, see ``views``, since with a dominant partner the loss
+is ~1e-7 of its logits and no float32 evaluation has a small relative error). The error of
+PyTorch's own float32 dense reference on the same inputs is printed in assertion messages (N <=
+4096) to tell a kernel bug from an ill-conditioned case.
 Thresholds sit in the middle of the widest gap between a row's candidate similarities, so no
 c_ij is near k (SPEC: ties within rounding may go either way).
 """
@@ -69,12 +77,18 @@ def fixed_config(monkeypatch):
     monkeypatch.setenv("ADAPTIVE_CL_TRITON_AUTOTUNE", "0")
 
 
-def views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous"):
+def views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous", tau=1.0):
+    """Correlated views z, z_aug = z + noise. tau < 0.05: noise 3 instead of 0.7 (partner
+    cosine ~0.3 rather than ~0.8), else the partner dominates so much at logits ~1/tau that the
+    loss is ~1e-7 of its terms and float32 (PyTorch's included) cannot meet a relative bound.
+    normalize=False: rows scaled to mean squared norm ~1 (logits ~1/tau)."""
+    noise = 3.0 if tau < 0.05 else 0.7
     g = torch.Generator(device="cuda").manual_seed(seed)
     z = torch.randn(batch, dim, generator=g, device="cuda", dtype=torch.float64)
-    za = z + 0.7 * torch.randn(batch, dim, generator=g, device="cuda", dtype=torch.float64)
+    za = z + noise * torch.randn(batch, dim, generator=g, device="cuda", dtype=torch.float64)
     if not normalize:
-        z, za = z / dim ** 0.5, za / dim ** 0.5
+        za_scale = 1.0 if noise == 0.7 else (1.0 + noise * noise) ** 0.5  # (unchanged at 0.7)
+        z, za = z / dim ** 0.5, za / (dim ** 0.5 * za_scale)
     z, za = z.to(dtype), za.to(dtype)
     if layout == "noncontig":
         z = z.t().contiguous().t()
@@ -147,33 +161,46 @@ def check(z, za, k, opts, tol, *, upstream=None, chunk=2048):
         logit = 1.0 / opts.get("temperature", 1.0)
     else:
         logit = float((s.norm(dim=1).max() ** 2)) / opts.get("temperature", 1.0)
-    err_rows = (rows.double() - ref_rows).abs()
-    assert bool((err_rows <= tol * (ref_rows.abs() + logit)).all()), float((err_rows / (ref_rows.abs() + logit)).max())
     red = opts.get("reduction", "mean")
-    if red == "none":
-        assert torch.equal(loss.detach(), rows)
-    else:
-        ref = ref_rows.mean() if red == "mean" else ref_rows.sum()
-        bound = tol * float(ref_rows.abs().sum() + n * logit) / (n if red == "mean" else 1)
-        assert abs(float(loss.detach()) - float(ref)) <= bound
     got = torch.cat([zt.grad, zat.grad]).double()
     want = torch.cat([rdz, rdza])
-    floor = 0.0
-    if opts.get("normalize", True) and z.shape[1] == 1:  # D = 1: z^ = sign(z), exact gradient 0
-        u = 1.0 if upstream is None else float(upstream.abs().max())
-        floor = u * logit * n ** 0.5 / float(s.norm(dim=1).min()) / (n if red == "mean" else 1)
-    err = float((got - want).norm())
-    if z.dtype == torch.float32 and n <= 4096 and tol < 1e-4:
-        # Near float32's own limit (e.g. raw dot products with a dominant partner, where the
-        # gradient is a small difference of large terms) allow 3x what PyTorch's float32
-        # dense reference itself achieves on the same inputs.
+    diag = ""
+    if n <= 4096:  # diagnostics only: how far PyTorch's float32 dense reference gets
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            z32, za32 = z.detach().clone().requires_grad_(), za.detach().clone().requires_grad_()
-            adaptive_info_nce(z32, za32, k, backend="reference", **opts).backward(upstream)
-        err32 = float((torch.cat([z32.grad, za32.grad]).double() - want).norm())
-        tol = max(tol, 3.0 * err32 / max(float(want.norm()), 1e-300))
-    assert err <= tol * (float(want.norm()) + floor), (err / max(float(want.norm()), 1e-300))
+            z32 = z.detach().float().clone().requires_grad_()
+            za32 = za.detach().float().clone().requires_grad_()
+            k32 = k.detach().float() if isinstance(k, torch.Tensor) else k
+            l32 = adaptive_info_nce(z32, za32, k32, backend="reference", **opts)
+            l32.backward(upstream)
+        e32 = float((torch.cat([z32.grad, za32.grad]).double() - want).norm()) / max(float(want.norm()), 1e-300)
+        diag = f" (PyTorch float32 reference: gradient norm ratio {e32:.2e})"
+
+    # Row losses: per-row scale |l_ref| + L; the whole vector: norm ratio.
+    err_rows = (rows.double() - ref_rows).abs()
+    assert bool((err_rows <= tol * (ref_rows.abs() + logit)).all()), \
+        f"row loss error / (|l_ref| + L) = {float((err_rows / (ref_rows.abs() + logit)).max()):.2e} > {tol:g}"
+    if red == "none":  # the loss is the vector of row losses: its norm ratio
+        assert torch.equal(loss.detach(), rows)
+        rows_rel = float((rows.double() - ref_rows).norm() / ref_rows.norm())
+        assert rows_rel <= tol, f"row losses: norm ratio {rows_rel:.2e} > {tol:g}"
+    else:
+        ref = ref_rows.mean() if red == "mean" else ref_rows.sum()
+        rel = abs(float(loss.detach()) - float(ref)) / abs(float(ref))
+        assert rel <= tol, f"reduced loss: relative error {rel:.2e} > {tol:g} (loss {float(ref):.6g})"
+
+    if opts.get("normalize", True) and z.shape[1] == 1:
+        # D = 1: z^ = sign(z), the exact gradient is 0 (a norm ratio is undefined): absolute
+        # bound, tol times the size of dL/dz^ / |z| ~ |u| L sqrt(N) / min|z| (/ N for "mean").
+        u = 1.0 if upstream is None else float(upstream.abs().max())
+        floor = u * logit * n ** 0.5 / float(s.norm(dim=1).min()) / (n if red == "mean" else 1)
+        err = float((got - want).norm())
+        assert err <= tol * (float(want.norm()) + floor), (err, float(want.norm()), floor)
+    else:
+        b = z.shape[0]
+        for name, g_, w_ in (("dz", got[:b], want[:b]), ("dz_aug", got[b:], want[b:]), ("dz, dz_aug", got, want)):
+            ratio = float((g_ - w_).norm()) / float(w_.norm())
+            assert ratio <= tol, f"{name}: gradient norm ratio {ratio:.2e} > {tol:g}{diag}"
     if isinstance(k, torch.Tensor):
         assert kt.grad is not None and kt.grad.shape == k.shape and not kt.grad.any()
     assert torch.isfinite(got).all()
@@ -221,7 +248,7 @@ def test_option_grid(case, fixed_config, monkeypatch):
     dtype, tol = set_precision(monkeypatch, case["precision"])
     b, d = case["shape"]
     seed = 7 * b + d
-    z, za = views(b, d, dtype, seed=seed, normalize=case["normalize"], layout=case["layout"])
+    z, za = views(b, d, dtype, seed=seed, normalize=case["normalize"], layout=case["layout"], tau=case["tau"])
     k, margin = pick_k(z, za, case["k"], case["normalize"])
     assert margin > 1e-4
     opts = dict(temperature=case["tau"], normalize=case["normalize"], denominator=case["denominator"],
@@ -247,7 +274,7 @@ def test_option_grid(case, fixed_config, monkeypatch):
 )
 def test_autotuned(precision, b, d, kind, opts, monkeypatch):
     dtype, tol = set_precision(monkeypatch, precision)
-    z, za = views(b, d, dtype, seed=b + d, normalize=opts.get("normalize", True))
+    z, za = views(b, d, dtype, seed=b + d, normalize=opts.get("normalize", True), tau=opts.get("temperature", 1.0))
     k, _ = pick_k(z, za, kind, opts.get("normalize", True))
     check(z, za, k, opts, tol)
 
@@ -267,7 +294,7 @@ def test_large_n(precision, b, d, opts, monkeypatch, fixed_config):
     N = 65536 would sort 4e9 values); the inputs are exact in the kernel's dtype, so c differs
     from float64 only by float32 accumulation and only entries within ~1e-6 of k can flip."""
     dtype, tol = set_precision(monkeypatch, precision)
-    z, za = views(b, d, dtype, seed=b + d)
+    z, za = views(b, d, dtype, seed=b + d, tau=opts["temperature"])
     sample = F.normalize(torch.cat([z[:512], za[:512]]).double(), dim=1)
     k = float(torch.quantile((sample @ sample.T).flatten(), 0.9))
     upstream = None
