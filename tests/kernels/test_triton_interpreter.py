@@ -188,14 +188,20 @@ def test_large_logits_dot_products_online_max():
     check_against_reference(z, za, None, opts, torch.float32, None, 1e-5, 1e-5)
 
 
-def test_interpreter_block_shapes(monkeypatch):
-    """A different tile shape gives the same numbers within float32 rounding."""
-    monkeypatch.setattr(kfunc, "INTERPRET_BLOCKS", (32, 16))
-    z, za = make_views(40, 32, torch.float32, seed=13, device=DEVICE)
+@pytest.mark.parametrize("blocks", [(32, 16), (64, 32), (32, 64), (128, 64), (64, 128)])
+def test_interpreter_block_shapes(monkeypatch, blocks):
+    """Other tile shapes (those the GPU autotuner picks among, BLOCK_M != BLOCK_N, blocks wider
+    than N, N not a multiple of either) give the same numbers within float32 rounding: the
+    special-tile logic (diagonal, partners, columns >= N) must hold for every combination."""
+    monkeypatch.setattr(kfunc, "INTERPRET_BLOCKS", blocks)
+    if blocks[0] == 64 and blocks[1] == 32:
+        monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)  # also the chunked-D / D-split path
+    z, za = make_views(37, 20, torch.float32, seed=13, device=DEVICE)
     k, _ = pick_k(z.cpu(), za.cpu(), "N", True)
     opts = dict(temperature=0.1, normalize=True, denominator="negatives", weighting="unit",
-                positive_weight=0.5, reduction="mean")
-    check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, None, 1e-5, 1e-5)
+                positive_weight=0.5, reduction="none")
+    u = torch.randn(74, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    check_against_reference(z, za, k.to(DEVICE), opts, torch.float32, u, 1e-5, 1e-5)
 
 
 # ----------------------------------------------------------------------- availability / routing
