@@ -2,8 +2,9 @@
 
 Ranking follows RecBole's full-sort protocol: every item is a candidate, the padding column 0
 never is, and history items stay candidates unless masking is asked for (ICLRec-style code
-masks them). Ranks stay on the device until one final transfer, so evaluation on a GPU costs a
-single synchronisation.
+masks them). Ties rank pessimistically by default (an item scoring as high as the target counts
+as above it), so tied or NaN scores can only lower the metrics. Ranks stay on the device until
+one final transfer, so evaluation on a GPU costs a single synchronisation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .data import ItemHistory, LeaveOneOutSplit
 
 KS = (5, 10, 20)
-TIES = ("optimistic", "pessimistic")
+TIES = ("pessimistic", "optimistic")
 
 
 def ranks_from_scores(
@@ -25,17 +26,25 @@ def ranks_from_scores(
     targets: torch.Tensor,
     exclude: torch.Tensor | None = None,
     *,
-    ties: str = "optimistic",
+    ties: str = "pessimistic",
 ) -> torch.Tensor:
     """0-based rank of each target among the items ``1..num_items`` of ``scores``.
 
     ``scores``: ``(b, num_items + 1)``; column 0 (padding) is never ranked. ``exclude``: optional
     boolean mask of the same shape of items to drop (history masking); the target itself is
-    never dropped. Tie rule: with ``ties="optimistic"`` (the default) the rank counts the items
-    scoring *strictly* higher than the target, so the target wins every tie; a constant scorer
-    then ranks every target first, which is why ``"pessimistic"`` (items scoring at least as
-    high, the target excepted) is offered for scorers with many ties such as popularity.
-    NaN scores never count as higher. Returns int64 ``(b,)`` on the scores' device.
+    never dropped.
+
+    Tie rule: ``ties="pessimistic"`` (the default) counts every other item scoring *at least*
+    as high as the target, so a tie never helps the target: a constant scorer ranks every
+    target last, and no model can raise its metrics by emitting tied scores. ``"optimistic"``
+    counts only items scoring *strictly* higher (the target wins every tie, so a constant
+    scorer would get perfect metrics); it is kept for comparison only. With float32 scores of
+    a trained model ties are rare and both rules agree; with integer scores such as popularity
+    counts they differ.
+
+    NaN scores count as ``-inf``: a NaN target score ranks behind every candidate (a NaN model
+    gets zero metrics, never perfect ones), and a NaN candidate never outranks a real score.
+    Returns int64 ``(b,)`` on the scores' device.
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
@@ -48,6 +57,7 @@ def ranks_from_scores(
         raise ValueError(f"exclude must have the scores' shape {tuple(scores.shape)}, "
                          f"got {tuple(exclude.shape)}")
     targets = targets.to(scores.device, torch.int64)
+    scores = torch.where(scores.isnan(), -math.inf, scores)
     target_scores = scores.gather(1, targets[:, None])
     above = scores > target_scores if ties == "optimistic" else scores >= target_scores
     if ties == "pessimistic":
@@ -94,11 +104,12 @@ def evaluate_full_ranking(
     device: torch.device | str | None = None,
     ks: Sequence[int] = KS,
     history: ItemHistory | None = None,
-    ties: str = "optimistic",
+    ties: str = "pessimistic",
 ) -> dict[str, float]:
     """Full-ranking metrics of ``score_fn`` (a batch of inputs -> ``(b, num_items + 1)``
-    scores) over ``inputs``/``targets``, moved to ``device`` (default: ``inputs``' device) in
-    batches of ``batch_size``.
+    scores) over ``inputs``/``targets``, moved to ``device`` (default: ``inputs``' device) once
+    and scored in batches of ``batch_size``; ``ties`` as :func:`ranks_from_scores`
+    (pessimistic by default).
 
     ``history``: an :class:`ItemHistory` aligned with the rows of ``inputs`` (``split.
     valid_history`` or ``split.test_history``) whose items are excluded from the ranking; off
@@ -117,15 +128,19 @@ def evaluate_full_ranking(
     device = inputs.device if device is None else torch.device(device)
     if history is not None:
         history = history.to(device)
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    # One transfer each, not one per batch.
+    inputs, targets = inputs.to(device), targets.to(device)
     ranks = torch.empty(len(inputs), dtype=torch.int64, device=device)
     for start in range(0, len(inputs), batch_size):
         stop = min(start + batch_size, len(inputs))
-        scores = score_fn(inputs[start:stop].to(device, non_blocking=True))
+        scores = score_fn(inputs[start:stop])
         exclude = None
         if history is not None:
             exclude = history.mask(slice(start, stop), scores.shape[1], scores.device)
         ranks[start:stop] = ranks_from_scores(
-            scores, targets[start:stop].to(device, non_blocking=True), exclude, ties=ties
+            scores, targets[start:stop], exclude, ties=ties
         )
     return metrics_from_ranks(ranks, ks)
 
@@ -155,8 +170,8 @@ def popularity_scores(
 
 def evaluate_popularity(split: LeaveOneOutSplit, which: str = "test", **kw) -> dict[str, float]:
     """Metrics of recommending the most popular training items to everyone; ``kw`` goes to
-    :func:`evaluate_full_ranking` (pass ``history=split.history(which)`` to mask, ``ties`` to
-    choose how the many equal counts rank)."""
+    :func:`evaluate_full_ranking` (pass ``history=split.history(which)`` to mask; the many
+    equal counts rank pessimistically unless ``ties="optimistic"``)."""
     inputs, targets = split.eval_tensors(which)
     scores = popularity_scores(split)
     return evaluate_full_ranking(

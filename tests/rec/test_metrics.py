@@ -40,20 +40,45 @@ def make_split(sequences: list[list[int]], num_items: int, max_len: int = 50):
     return leave_one_out(data, max_len=max_len)
 
 
-def test_ranks_count_strictly_higher_items_ignoring_padding():
-    assert ranks_from_scores(SCORES, TARGETS).tolist() == [2, 0, 0]
+def test_optimistic_ranks_count_strictly_higher_items_ignoring_padding():
+    assert ranks_from_scores(SCORES, TARGETS, ties="optimistic").tolist() == [2, 0, 0]
 
 
-def test_pessimistic_ties_count_equal_items_except_the_target():
+def test_default_ties_are_pessimistic_equal_items_count_except_the_target():
+    assert ranks_from_scores(SCORES, TARGETS).tolist() == [2, 1, 3]
     assert ranks_from_scores(SCORES, TARGETS, ties="pessimistic").tolist() == [2, 1, 3]
+
+
+def test_ties_and_nans_cannot_inflate_the_default_metrics():
+    num_items = 50
+    targets = torch.arange(1, 21)
+    constant = torch.zeros(20, num_items + 1)
+    assert ranks_from_scores(constant, targets).tolist() == [num_items - 1] * 20
+    assert metrics_from_ranks(ranks_from_scores(constant, targets))["Recall@20"] == 0
+    # The optimistic rule is what a constant scorer would exploit.
+    assert metrics_from_ranks(ranks_from_scores(constant, targets, ties="optimistic"))[
+        "NDCG@5"] == 1
+    nan = torch.full((20, num_items + 1), math.nan)
+    assert ranks_from_scores(nan, targets).tolist() == [num_items - 1] * 20
+    # A NaN target ranks behind every finite candidate under either rule; a NaN candidate
+    # never outranks a finite target.
+    scores = torch.arange(num_items + 1.0).expand(2, -1).clone()
+    scores[0, 7] = math.nan
+    scores[1, 30] = math.nan
+    for ties in ("pessimistic", "optimistic"):
+        ranks = ranks_from_scores(scores, torch.tensor([7, 20]), ties=ties).tolist()
+        assert ranks == [num_items - 1, num_items - 20 - 1]
+    with pytest.raises(ValueError, match="ties"):
+        evaluate_full_ranking(lambda b: constant[: len(b)], targets[:, None], targets,
+                              ties="mid")
 
 
 def test_exclusion_drops_items_but_never_the_target():
     exclude = torch.zeros_like(SCORES, dtype=torch.bool)
     exclude[0, [2, 3]] = True  # row 0: item 2 (higher) and the target itself
     exclude[2, :] = True  # row 2: everything, target included
-    assert ranks_from_scores(SCORES, TARGETS, exclude).tolist() == [1, 0, 0]
-    assert ranks_from_scores(SCORES, TARGETS, exclude, ties="pessimistic").tolist() == [1, 1, 0]
+    assert ranks_from_scores(SCORES, TARGETS, exclude, ties="optimistic").tolist() == [1, 0, 0]
+    assert ranks_from_scores(SCORES, TARGETS, exclude).tolist() == [1, 1, 0]
 
 
 def test_ranks_validate_shapes_and_tie_rule():
@@ -137,10 +162,11 @@ def test_popularity_counts_training_parts():
     with pytest.raises(ValueError, match="num_items"):
         popularity_scores(split.train_targets)
 
-    # Test targets 5, 4, 4: items 3, 2, 1 score higher, 4 and 5 tie at zero.
+    # Test targets 5, 4, 4: items 3, 2, 1 score higher, 4 and 5 tie at zero; the tie ranks
+    # each target behind the other (pessimistic, the default) or ahead (optimistic).
     m = evaluate_popularity(split, "test", ks=(3, 4))
-    assert m["Recall@3"] == 0 and m["Recall@4"] == 1
-    assert evaluate_popularity(split, "test", ks=(4,), ties="pessimistic")["Recall@4"] == 0
+    assert m["Recall@3"] == 0 and m["Recall@4"] == 0
+    assert evaluate_popularity(split, "test", ks=(4,), ties="optimistic")["Recall@4"] == 1
     # Validation targets 4, 1, 1: ranks 3, 2, 2.
     assert evaluate_popularity(split, "valid", ks=(3,))["MRR@3"] == pytest.approx(1 / 3 * 2 / 3)
 
