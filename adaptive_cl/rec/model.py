@@ -4,7 +4,10 @@ Post-LayerNorm transformer blocks over item + learned position embeddings, causa
 with a padding mask, and the item embedding table reused as the output layer (full softmax over
 all items). Inputs are LEFT-padded with 0, so the sequence representation is the last column's
 hidden state. Attention runs through ``F.scaled_dot_product_attention`` (fused kernels on GPU);
-nothing in the forward pass reads a value back to the host.
+nothing in the forward pass reads a value back to the host. The output layer (the logits over all
+items, for the cross-entropy and the ranking) is computed in float32 even under bf16 autocast:
+bf16 logits (8 mantissa bits) would tie many items in the ranking and coarsen the softmax, for a
+matmul that costs next to nothing.
 """
 
 from __future__ import annotations
@@ -106,6 +109,11 @@ class SASRec(nn.Module):
         self.apply(self._init)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        # Built once (not per forward); non-persistent, so state dicts are unchanged.
+        self.register_buffer(
+            "causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False
+        )
+        self.register_buffer("eye", torch.eye(max_len, dtype=torch.bool), persistent=False)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -132,8 +140,7 @@ class SASRec(nn.Module):
         positions = (real.long().cumsum(1) - 1).clamp_min(0)
         x = self.emb_dropout(self.emb_norm(self.item_emb(inputs) + self.pos_emb(positions)))
         length = inputs.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
-        eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
+        causal, eye = self.causal[:length, :length], self.eye[:length, :length]
         # Every query keeps at least itself, so all-padding rows never produce NaN softmaxes.
         mask = (causal & real[:, None, :]) | eye
         mask = mask[:, None]  # broadcast over heads
@@ -150,15 +157,18 @@ class SASRec(nn.Module):
         return self.item_emb.weight[1 : self.num_items + 1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """``(b, num_items)`` logits of items ``1..num_items`` (column ``t`` is item ``t + 1``),
-        for the cross-entropy with targets shifted by one."""
-        return h @ self.output_weight().T
+        """``(b, num_items)`` float32 (or float64) logits of items ``1..num_items`` (column ``t`` is item
+        ``t + 1``), for the cross-entropy with targets shifted by one. Autocast is off here:
+        the product runs in float32 whatever the surrounding autocast region."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        with torch.autocast(h.device.type, enabled=False):
+            return h.to(dtype) @ self.output_weight().to(dtype).T
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Full-softmax cross-entropy of the next item over all real items."""
-        return F.cross_entropy(self.logits(h).float(), targets - 1)
+        return F.cross_entropy(self.logits(h), targets - 1)
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
-        """``(b, num_items + 1)`` scores for full ranking; column 0 (padding) is ``-inf``."""
-        s = self.logits(self.forward(inputs)).float()
-        return F.pad(s, (1, 0), value=-math.inf)
+        """``(b, num_items + 1)`` float32 scores for full ranking; column 0 (padding) is
+        ``-inf``."""
+        return F.pad(self.logits(self.forward(inputs)), (1, 0), value=-math.inf)

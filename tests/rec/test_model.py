@@ -96,3 +96,17 @@ def test_bad_arguments(kw, name):
 def test_too_wide_input_rejected():
     with pytest.raises(ValueError, match="max_len"):
         tiny()(torch.ones(2, 13, dtype=torch.long))
+
+
+def test_logits_stay_float32_under_bf16_autocast():
+    """bf16 logits would tie many items in the full ranking: the output layer opts out."""
+    model = tiny()
+    x = torch.randint(1, 31, (4, 12))
+    with torch.autocast("cpu", torch.bfloat16):
+        h = model(x)
+        logits = model.logits(h)
+        scores = model.score(x)
+    assert logits.dtype == torch.float32 and scores.dtype == torch.float32
+    torch.testing.assert_close(logits, h.float() @ model.output_weight().T, rtol=0, atol=0)
+    # Distinct items keep distinct scores (bf16 would round many of them together).
+    assert len(torch.unique(scores[0, 1:])) == 30
