@@ -7,6 +7,12 @@ Without ``--data`` it trains on the embedded synthetic dataset (planted sequenti
 sequences of ~12 items) with a short schedule (``--epochs 3``, ``--max-len 20``) that finishes
 in under three minutes on a 2-core CPU; with ``--data`` the defaults are METHODS.md's
 (``--epochs 100``, ``--max-len 50``, early stopping with patience 10).
+
+Metrics rank ties pessimistically (an item scoring as high as the target counts as above it), so
+tied scores can only lower them; the popularity baseline, whose integer counts tie often, is
+measured the same way. On a CPU shared with other jobs, ``--threads 1`` is often several times
+faster than PyTorch's default of one thread per core (its small operations then wait on each
+other's preempted threads).
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--threads", type=_positive(int),
+                   help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     p.add_argument("--out", type=Path, help="directory for results.json and checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
@@ -122,17 +130,18 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     config = build_config(args)
     start = time.perf_counter()
-    if args.data is None:
-        data = make_synthetic()
-    else:
-        try:
-            data = load_dataset(args.data, args.format)
-        except DataFormatError as err:
-            print(f"train_sasrec.py: error: argument --data: {err}", file=sys.stderr)
-            return 2
-    split = leave_one_out(data, max_len=config.max_len)
+    try:
+        data = make_synthetic() if args.data is None else load_dataset(args.data, args.format)
+        # Raises when no user keeps the 3 interactions a leave-one-out split needs (for
+        # example after the 5-core filter).
+        split = leave_one_out(data, max_len=config.max_len)
+    except (DataFormatError, ValueError) as err:
+        print(f"train_sasrec.py: error: argument --data: {err}", file=sys.stderr)
+        return 2
     print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
           f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
           f"{config.device}", flush=True)
@@ -143,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"train_sasrec.py: error: argument --resume: {err}", file=sys.stderr)
             return 2
-    results = trainer.fit()
-    popularity = {which: evaluate_popularity(split, which) for which in ("valid", "test")}
+    try:
+        results = trainer.fit()
+    except FloatingPointError as err:  # a diverged run; the last good epoch is checkpointed
+        print(f"train_sasrec.py: error: {err}", file=sys.stderr)
+        return 1
+    popularity = {which: evaluate_popularity(split, which, ties=config.ties)
+                  for which in ("valid", "test")}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(results, indent=1))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
-from .metrics import alignment, evaluate_full_ranking, uniformity
+from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
 from .model import SASRec
 from .objectives import (
     CONTRASTS,
@@ -116,6 +116,7 @@ class TrainConfig:
     patience: int = 10
     eval_batch_size: int = 1024
     mask_history: bool = False
+    ties: str = "pessimistic"  # metrics.ranks_from_scores: a tie never helps the target
     seed: int = 2024
     device: str = "cpu"
     amp: bool = False  # bf16 autocast, CUDA only
@@ -147,7 +148,7 @@ class TrainConfig:
         choices = dict(method=METHODS, contrast=CONTRASTS, simthres=SIMTHRES, preset=PRESETS,
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
-                       threshold=("hard", "soft"),
+                       threshold=("hard", "soft"), ties=TIES,
                        loss_backend=("auto", "reference", "compiled", "triton"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -174,6 +175,11 @@ class TrainConfig:
                              f"histograms, got {self.kstat_bins}")
         if self.threshold == "soft" and self.simthres == "none":
             raise ValueError("threshold='soft' needs a simthres other than 'none'")
+        if self.method == "adaptiverec" and self.simthres != "none" and not self.normalize:
+            # k_stat is a percentile of cosines and g's output lies in (-1.05, 1.05): compared
+            # with unbounded dot products it would be meaningless.
+            raise ValueError("similarity='dot' cannot be thresholded: AdaptiveRec's SimThres is "
+                             "a cosine level; use similarity='cos' (or 'auto') or simthres='none'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -272,10 +278,14 @@ class Trainer:
         self.train_targets = split.train_targets.to(self.device)
         self.same_target = split.same_target.to(self.device)
         # A fixed held-out batch of training sequences and same-target partners for the
-        # per-epoch uniformity / alignment, drawn from its own generator.
+        # per-epoch uniformity / alignment, drawn from its own generator, among the samples
+        # that have another sample with their target (a sample "paired" with itself would add
+        # a zero distance to the alignment).
         held = torch.Generator().manual_seed(config.seed + 1)
-        n = min(config.holdout_size, split.num_train)
-        self.holdout = torch.randperm(split.num_train, generator=held)[:n]
+        paired = torch.nonzero(split.same_target.size.cpu() > 1).squeeze(1)
+        pool = paired if len(paired) >= 2 else torch.arange(split.num_train)
+        n = min(config.holdout_size, len(pool))
+        self.holdout = pool[torch.randperm(len(pool), generator=held)[:n]]
         self.holdout_partner = split.same_target.sample(self.holdout, held)
 
         self.epoch = 0
@@ -336,7 +346,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = dict(state["config"])
+        # A field added after the checkpoint was written counts as its default value.
+        saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
         current = self.config.to_dict()
         differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
         if differ:
@@ -439,11 +450,12 @@ class Trainer:
             self.model.load_state_dict(state)
         self.model.eval()
         inputs, targets = self.split.eval_tensors(which)
-        with self._autocast():
+        with self._autocast():  # the encoder only: SASRec.score keeps the logits in float32
             metrics = evaluate_full_ranking(
                 self.model.score, inputs, targets, batch_size=self.config.eval_batch_size,
                 device=self.device,
                 history=self.split.history(which) if self.config.mask_history else None,
+                ties=self.config.ties,
             )
         if live is not None:
             self.model.load_state_dict(live)
@@ -473,6 +485,13 @@ class Trainer:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps
             row = {"epoch": self.epoch + 1, **self.train_epoch(), "lr": lr}
+            if not math.isfinite(row["loss"]):
+                # Checked once per epoch (a per-step check would sync with the device); the
+                # last checkpoint still holds the previous epoch.
+                raise FloatingPointError(
+                    f"epoch {row['epoch']}: the mean training loss is {row['loss']} "
+                    f"(lr={lr}, amp={self.amp}); the checkpoint keeps epoch {self.epoch}"
+                )
             row.update(self.geometry())
             row["valid"] = self.evaluate("valid")
             seconds = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -87,8 +88,36 @@ def test_resume_rejects_a_different_config(small_split, tmp_path):
     train(config(epochs=1), small_split, tmp_path)
     with pytest.raises(ValueError, match="lr"):
         train(config(epochs=2, lr=1e-2), small_split, tmp_path, resume=True)
+    with pytest.raises(ValueError, match="ties"):
+        train(config(epochs=2, ties="optimistic"), small_split, tmp_path, resume=True)
     with pytest.raises(ValueError, match="no checkpoint"):
         train(config(), small_split, tmp_path / "empty", resume=True)
+    # A checkpoint written before a config field existed resumes with the field's default.
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    del state["config"]["ties"]
+    torch.save(state, tmp_path / CHECKPOINT)
+    assert train(config(epochs=2), small_split, tmp_path, resume=True)["epochs"] == 2
+
+
+def test_a_diverged_run_stops_with_a_clear_error(small_split, tmp_path):
+    trainer = Trainer(config(epochs=3, method="sasrec"), small_split, tmp_path)
+    model = trainer.model
+    model.loss = lambda h, targets: type(model).loss(model, h, targets) * math.nan
+    with pytest.raises(FloatingPointError, match="epoch 1: the mean training loss is nan"):
+        trainer.fit()
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_metrics_tie_rule_and_similarity_checks(small_split):
+    results = train(config(epochs=1, method="sasrec", ties="optimistic"), small_split)
+    assert results["config"]["ties"] == "optimistic"
+    assert TrainConfig().ties == "pessimistic"
+    with pytest.raises(ValueError, match="ties"):
+        config(ties="average")
+    with pytest.raises(ValueError, match="similarity='dot'"):
+        config(method="adaptiverec", similarity="dot")
+    config(method="adaptiverec", similarity="dot", simthres="none")
+    config(method="duorec", similarity="dot")
 
 
 def test_checkpoint_write_is_atomic(small_split, tmp_path, monkeypatch):
@@ -175,6 +204,11 @@ def test_cli_reports_malformed_data(tmp_path, capsys):
     assert _cli().main(["--data", str(path), "--format", "sequences", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "line 2" in err
+    # Well-formed but too sparse: nothing survives the 5-core filter.
+    path.write_text("1 2 3 4\n2 5 6 7\n")
+    assert _cli().main(["--data", str(path), "--format", "sequences", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "3 interactions" in err
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -187,6 +221,7 @@ def test_cli_reports_malformed_data(tmp_path, capsys):
     (["--device", "gpu9"], "--device"),
     (["--preset", "huge"], "--preset"),
     (["--data", "/nonexistent/file.txt"], "--data"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_cli_bad_arguments(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
