@@ -19,13 +19,13 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
@@ -69,6 +69,37 @@ PAPER_PRESET = dict(
     weighting="normalized",
     kstat_method="batch_mean",
 )
+
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm when it is installed (the ``examples`` extra); otherwise a silent pass-through, with
+    one warning if a bar was asked for, so the library itself needs only torch and numpy."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        if not kwargs.get("disable", False):
+            warnings.warn("tqdm is not installed (pip install 'adaptive-cl[examples]'): no progress bar",
+                          RuntimeWarning, stacklevel=2)
+        return _NoBar(iterable)
+    return tqdm(iterable, **kwargs)
+
+
+class _NoBar:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -411,7 +442,7 @@ class Trainer:
         k_sum = torch.zeros((), device=self.device)
         has_k = False
         batches = self._batches()
-        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
+        bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
                    disable=not self.config.progress)
         for idx in bar:
             positives = None
@@ -479,7 +510,7 @@ class Trainer:
     def fit(self) -> dict:
         """Train until ``epochs`` or early stopping, then test the best epoch's weights."""
         c = self.config
-        bar = tqdm(total=c.epochs, initial=self.epoch, desc=c.method, unit="epoch",
+        bar = progress_bar(total=c.epochs, initial=self.epoch, desc=c.method, unit="epoch",
                    disable=not c.progress)
         while self.epoch < c.epochs and self.bad_epochs < c.patience:
             start = time.perf_counter()

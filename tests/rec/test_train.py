@@ -236,3 +236,17 @@ def test_early_stopping_and_test_from_the_best_epoch(small_split):
     assert results["epochs"] == 3 and len(results["history"]) == 3
     assert results["valid"] == results["history"][0]["valid"]
     assert results["test"] == trainer.evaluate("test", trainer.best_state)
+
+
+def test_training_runs_without_tqdm(monkeypatch):
+    # tqdm belongs to the examples extra: without it the loop still runs, and a requested bar
+    # becomes one warning.
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert list(train_module.progress_bar([1, 2], disable=True)) == [1, 2]
+    with pytest.warns(RuntimeWarning, match="tqdm is not installed"):
+        bar = train_module.progress_bar(total=3)
+    bar.update()
+    bar.set_postfix(loss="1.0")
+    bar.close()
