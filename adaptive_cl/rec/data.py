@@ -115,6 +115,28 @@ def _from_events(
     return SequenceData(name, sequences, len(item_ids), user_ids, ["<pad>", *item_ids])
 
 
+class _Events:
+    """(user, item[, time]) events as read, ids remapped to dense indices in order of first
+    appearance (users from 0, items from 1: 0 is padding); shared by the event-file readers."""
+
+    def __init__(self) -> None:
+        self.user_index: dict[str, int] = {}
+        self.item_index: dict[str, int] = {}
+        self.users: list[int] = []
+        self.items: list[int] = []
+        self.timestamps: list[float] = []
+
+    def add(self, user: str, item: str, timestamp: float | None = None) -> None:
+        self.users.append(self.user_index.setdefault(user, len(self.user_index)))
+        self.items.append(self.item_index.setdefault(item, len(self.item_index) + 1))
+        if timestamp is not None:
+            self.timestamps.append(timestamp)
+
+    def build(self, name: str) -> SequenceData:
+        return _from_events(name, self.users, self.items, self.timestamps or None,
+                            list(self.user_index), list(self.item_index))
+
+
 def _is_int(token: str) -> bool:
     try:
         int(token)
@@ -161,11 +183,7 @@ def read_interaction_pairs(path: str | Path) -> SequenceData:
     stable-sorted by time, without them they keep file order.
     """
     path = Path(path)
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    users: list[int] = []
-    items: list[int] = []
-    timestamps: list[float] = []
+    events = _Events()
     width = 0
     for number, line in _lines(path):
         fields = line.split()
@@ -179,14 +197,9 @@ def read_interaction_pairs(path: str | Path) -> SequenceData:
             raise DataFormatError(
                 path, number, f"expected {width} fields like the first line, got {len(fields)}"
             )
-        users.append(user_index.setdefault(fields[0], len(user_index)))
-        items.append(item_index.setdefault(fields[1], len(item_index) + 1))
-        if width == 3:
-            timestamps.append(_parse_timestamp(path, number, fields[2]))
-    return _from_events(
-        path.stem, users, items, timestamps if width == 3 else None, list(user_index),
-        list(item_index),
-    )
+        timestamp = _parse_timestamp(path, number, fields[2]) if width == 3 else None
+        events.add(fields[0], fields[1], timestamp)
+    return events.build(path.stem)
 
 
 def read_movielens_ratings(path: str | Path) -> SequenceData:
@@ -196,22 +209,16 @@ def read_movielens_ratings(path: str | Path) -> SequenceData:
     rating value itself is not used. A file called ``ratings`` takes its folder's name.
     """
     path = Path(path)
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    users: list[int] = []
-    items: list[int] = []
-    timestamps: list[float] = []
+    events = _Events()
     for number, line in _lines(path):
         fields = line.rstrip("\r\n").split("::")
         if len(fields) != 4:
             raise DataFormatError(
                 path, number, f"expected 'user::item::rating::timestamp', got {len(fields)} fields"
             )
-        users.append(user_index.setdefault(fields[0].strip(), len(user_index)))
-        items.append(item_index.setdefault(fields[1].strip(), len(item_index) + 1))
-        timestamps.append(_parse_timestamp(path, number, fields[3]))
+        events.add(fields[0].strip(), fields[1].strip(), _parse_timestamp(path, number, fields[3]))
     name = path.parent.name if path.stem == "ratings" and path.parent.name else path.stem
-    return _from_events(name, users, items, timestamps, list(user_index), list(item_index))
+    return events.build(name)
 
 
 def read_recbole_inter(path: str | Path) -> SequenceData:
@@ -232,27 +239,18 @@ def read_recbole_inter(path: str | Path) -> SequenceData:
             f"header lacks the column(s) {', '.join(missing)} (found {', '.join(names)})",
         )
     user_col, item_col, time_col = columns["user"], columns["item"], columns.get("timestamp")
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    users: list[int] = []
-    items: list[int] = []
-    timestamps: list[float] = []
+    events = _Events()
     for number, line in lines:
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != len(names):
             raise DataFormatError(
                 path, number, f"expected {len(names)} tab-separated fields, got {len(fields)}"
             )
-        users.append(user_index.setdefault(fields[user_col], len(user_index)))
-        items.append(item_index.setdefault(fields[item_col], len(item_index) + 1))
-        if time_col is not None:
-            timestamps.append(_parse_timestamp(path, number, fields[time_col]))
-    if not users:
+        timestamp = None if time_col is None else _parse_timestamp(path, number, fields[time_col])
+        events.add(fields[user_col], fields[item_col], timestamp)
+    if not events.users:
         raise DataFormatError(path, header_number, "header but no interactions")
-    return _from_events(
-        path.stem, users, items, timestamps if time_col is not None else None, list(user_index),
-        list(item_index),
-    )
+    return events.build(path.stem)
 
 
 _READERS: dict[str, Callable[[str | Path], SequenceData]] = {
