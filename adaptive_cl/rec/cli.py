@@ -30,13 +30,15 @@ from pathlib import Path
 import torch
 
 from .data import FORMATS, DataFormatError, leave_one_out, load_dataset
+from .environment import describe, peak_memory_mib
 from .metrics import evaluate_popularity
 from .objectives import CONTRASTS
 from .synthetic import make_synthetic
-from .train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig
+from .train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig, atomic_write_text
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
+RESULTS, RUN_INFO = "results.json", "run.json"
 TABLE_METRICS = ("NDCG@5", "NDCG@10", "NDCG@20", "Recall@5", "Recall@10", "Recall@20",
                  "MRR@10")
 
@@ -85,7 +87,8 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--threads", type=_positive(int),
                    help="CPU threads for PyTorch (default: PyTorch's, one per core)")
-    p.add_argument("--out", type=Path, help="directory for results.json and checkpoint.pt")
+    p.add_argument("--out", type=Path, help="directory for results.json, run.json (device, "
+                   "versions, wall time, peak memory) and checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
@@ -170,8 +173,13 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                   for which in ("valid", "test")}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "popularity.json").write_text(json.dumps(popularity, indent=1))
+        run = {**describe(config.device), "argv": list(sys.argv[1:] if argv is None else argv),
+               "wall_s": time.perf_counter() - start,
+               "peak_memory_mib": peak_memory_mib(config.device)}
+        # results.json last: its presence means the run finished (examples/reproduce.py).
+        atomic_write_text(args.out / "popularity.json", json.dumps(popularity, indent=1))
+        atomic_write_text(args.out / RUN_INFO, json.dumps(run, indent=1))
+        atomic_write_text(args.out / RESULTS, json.dumps(results, indent=1))
         if args.plots:
             from .plots import plot_results
 

@@ -216,14 +216,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in
-    the same directory, fsync it, ``os.replace`` it over ``path``, fsync the directory."""
+def _atomic_write(path: str | Path, write: Callable) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s directory, fsync it, ``os.replace``
+    it over ``path`` and fsync the directory: ``path`` is never a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -235,6 +235,16 @@ def atomic_save(obj: object, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _rng_state(generator: torch.Generator) -> dict:

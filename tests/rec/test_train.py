@@ -208,6 +208,10 @@ def test_cli_writes_results_and_plots(tmp_path, capsys):
     assert results["epochs"] == 2 and len(results["history"]) == 2
     assert results["config"]["batch_size"] == 128
     assert set(json.loads((out / "popularity.json").read_text())) == {"valid", "test"}
+    info = json.loads((out / "run.json").read_text())  # what ran where
+    assert (info["device"], info["torch"], info["peak_memory_mib"]) == ("cpu", torch.__version__,
+                                                                        None)
+    assert info["argv"][:2] == ["--data", str(path)] and info["wall_s"] > 0
     for name in ("similarities.png", "simthres.png", "uniformity_alignment.png"):
         assert (out / name).stat().st_size > 0
     printed = capsys.readouterr().out

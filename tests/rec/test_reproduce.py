@@ -1,0 +1,234 @@
+"""examples/reproduce.py: the plan, skipping finished runs, the budget (runs stopped with their
+checkpoint and resumed, runs not started), failures, aggregation and the archive."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_cl.rec import aggregate, reproduce
+from adaptive_cl.rec.published import PUBLISHED
+from adaptive_cl.rec.reproduce import Estimate, Layout, Run, Runner, make_plan
+from adaptive_cl.rec.synthetic import make_synthetic
+from adaptive_cl.rec.train import CHECKPOINT, METHODS
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_seconds",
+               "history", "config"]
+# Tiny runs: one CPU thread each (CI has two cores); lr 1e-12 makes validation flat, so early
+# stopping ends every run after exactly 1 + patience epochs, whatever the timing.
+TINY = ["--max-len", "10", "--batch-size", "128", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
+                            for u, s in zip(d.user_ids, d.sequences)))
+    return path
+
+
+def test_plan_reads_the_methods_from_the_package():
+    plan = make_plan("beauty")
+    assert {r.method for r in plan} == set(METHODS) and {r.seed for r in plan} == {0, 1, 2}
+    assert len(plan) == len(set(plan)) == 3 * len(METHODS)
+    # The issue's table first, seed by seed, so paired comparisons complete early.
+    assert [r.name for r in plan[:6]] == ["sasrec-seed0", "duorec-seed0", "adaptiverec-seed0",
+                                         "sasrec-seed1", "duorec-seed1", "adaptiverec-seed1"]
+    assert plan[9:] == [Run("beauty", m, s) for m in METHODS if m not in reproduce.PRIORITY
+                        for s in (0, 1, 2)]
+    assert make_plan("x", ["duorec"], [5]) == [Run("x", "duorec", 5)]
+    for methods, seeds in ((["bert4rec"], [0]), (["sasrec", "sasrec"], [0]), (["sasrec"], []),
+                           (["sasrec"], [0, 0]), (["sasrec"], [-1])):
+        with pytest.raises(ValueError, match="methods|seeds"):
+            make_plan("x", methods, seeds)
+    assert reproduce.dataset_name(Path("data/Beauty.txt")) == "beauty"
+    assert reproduce.dataset_name(None) == "synthetic"
+
+
+def test_a_run_that_cannot_fit_is_not_started(tmp_path):
+    now = [0.0]
+    runner = Runner(Layout(tmp_path, "d"), None, budget_s=100, reserve_s=10, min_start_s=60,
+                    estimates={"sasrec": Estimate(epoch_s=20, overhead_s=30)},
+                    clock=lambda: now[0], say=lambda text: None)
+    assert runner.fits(Run("d", "sasrec", 0)) == (True, "")  # 90 s left >= 30 + 20
+    assert runner.fits(Run("d", "duorec", 0))[0]  # no estimate: 90 >= min_start_s
+    now[0] = 45.0  # 45 s left
+    assert runner.fits(Run("d", "sasrec", 0)) == (False, "45 s left, a first epoch needs 50 s "
+                                                  "(30 s to start + 20.0 s an epoch)")
+    assert not runner.fits(Run("d", "duorec", 0))[0]
+    outcomes = runner.run(make_plan("d", ["sasrec", "duorec"], [0]))
+    assert [o.status for o in outcomes] == ["not started"] * 2
+    assert not list(tmp_path.rglob("*"))  # nothing written, nothing started
+
+
+def test_estimates_come_from_runs_on_the_same_device():
+    def record(device, seconds, wall):
+        return {"device_name": device, "history": [{"seconds": s} for s in seconds],
+                "segments": [{"wall_s": wall}]}
+
+    records = {("sasrec", 0): record("H200", [2.0, 4.0, 3.0], 19.0),
+               ("sasrec", 1): record("CPU", [100.0], 150.0)}
+    assert reproduce.estimates(records, "H200") == {"sasrec": Estimate(3.0, 10.0)}
+    assert reproduce.estimates(records, "H100") == {}
+
+
+def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data, tmp_path):
+    out = tmp_path / "results"
+    train_args = ["--epochs", "50", "--lr", "1e-12", "--patience", "3", *TINY]
+    plan = make_plan("tiny", ["sasrec", "duorec"], [0])
+    layout = Layout(out, "tiny")
+    checkpoint = layout.work_dir(plan[0]) / CHECKPOINT
+    said = []
+    # The budget runs out as soon as the first run has checkpointed an epoch: it is stopped
+    # (its run lasts 4 epochs, so it is still going), the second one is never started.
+    runner = Runner(layout, data, "sequences", jobs=1, train_args=train_args, budget_s=1e6,
+                    reserve_s=1, clock=lambda: 2e6 if checkpoint.exists() else 0.0, poll_s=0.05,
+                    say=said.append)
+    first = runner.run(plan)
+    assert [o.status for o in first] == ["stopped", "not started"]
+    epoch = reproduce.checkpoint_epoch(layout.work_dir(plan[0]))
+    assert 1 <= epoch < 4 and first[0].detail == f"checkpoint at epoch {epoch}"
+    assert not layout.result(plan[0]).exists() and not layout.work_dir(plan[1]).exists()
+    assert not list(layout.work_dir(plan[0]).glob(".*.tmp"))
+    notes = reproduce.unfinished_notes(layout, plan, first)
+    assert notes[0].startswith(f"sasrec-seed0: checkpoint at epoch {epoch}")
+
+    argv = ["--data", str(data), "--format", "sequences", "--methods", "sasrec", "duorec",
+            "--seeds", "0", "--out-dir", str(out), "--jobs", "1", "--archive",
+            str(tmp_path / "archive"), "--", *train_args]
+    assert reproduce.main(argv) == 0
+    for run in plan:
+        record = json.loads(layout.result(run).read_text())
+        assert list(record)[:len(RESULT_KEYS)] == RESULT_KEYS
+        assert record["epochs"] == 4 and len(record["epoch_seconds"]) == 4
+        assert record["device_name"].startswith("CPU") and record["torch"] == torch.__version__
+        assert record["command"].startswith(f"python -m adaptive_cl.rec --data {data} ")
+        assert "--resume" not in record["command"] and f"--seed {run.seed}" in record["command"]
+    segments = json.loads(layout.result(plan[0]).read_text())["segments"]
+    assert [(s["outcome"], s["resumed"]) for s in segments] == [("stopped", False),
+                                                                 ("finished", True)]
+    assert not layout.work.exists()  # finished runs leave nothing unfinished behind
+    readme = (out / "tiny" / "README.md").read_text()
+    assert "| sasrec | 0 |" in readme and "| duorec | 0 |" in readme and "Not finished" not in readme
+    with tarfile.open(tmp_path / "archive" / "results-tiny.tar.gz") as tar:
+        assert {"tiny/sasrec-seed0.json", "tiny/duorec-seed0.json",
+                "tiny/README.md"} <= set(tar.getnames())
+
+    # Everything is done: a third invocation starts nothing.
+    said.clear()
+    again = Runner(layout, data, "sequences", train_args=train_args, say=said.append).run(plan)
+    assert [o.status for o in again] == ["done before"] * 2 and said == []
+
+
+def test_a_failed_run_is_recorded_and_not_retried_unless_asked(data, tmp_path, capsys):
+    argv = ["--data", str(data), "--methods", "sasrec", "--seeds", "0", "--out-dir",
+            str(tmp_path), "--jobs", "1", "--", "--epochs", "1", "--max-len", "0"]
+    assert reproduce.main(argv) == 1  # the CLI rejects --max-len 0: the run fails
+    failed = json.loads((tmp_path / "tiny" / "partial" / "sasrec-seed0" / "failed.json").read_text())
+    assert failed["returncode"] == 2 and any("--max-len" in line for line in failed["log_tail"])
+    assert not (tmp_path / "tiny" / "sasrec-seed0.json").exists()
+    assert "sasrec-seed0: failed" in (tmp_path / "tiny" / "README.md").read_text()
+    assert reproduce.main(argv) == 0
+    assert "failed before" in capsys.readouterr().out
+    assert reproduce.main([*argv[:-5], "--retry-failed", *argv[-5:]]) == 1
+
+
+def _record(method, seed, ndcg10, recall10, device="H200"):
+    test = {f"{m}@{k}": 0.01 * k for m in ("NDCG", "Recall", "MRR") for k in (5, 10, 20)}
+    test.update({"NDCG@10": ndcg10, "Recall@10": recall10})
+    return {"method": method, "dataset": "Beauty", "preset": "default", "valid": {"NDCG@10": 0.1},
+            "test": test, "epochs": 2, "train_seconds": 3.0,
+            "history": [{"epoch": 1, "valid": {"NDCG@10": 0.1}, "seconds": 1.5},
+                        {"epoch": 2, "valid": {"NDCG@10": 0.05}, "seconds": 1.5}],
+            "config": {"seed": seed}, "device_name": device, "torch": "2.11",
+            "segments": [{"wall_s": 10.0}]}
+
+
+def test_aggregation_table_paired_differences_and_published_numbers(tmp_path):
+    ndcg = {("sasrec", 0): .030, ("sasrec", 1): .028, ("duorec", 0): .040, ("duorec", 1): .044,
+            ("duorec", 2): .042, ("adaptiverec", 0): .043, ("adaptiverec", 1): .047,
+            ("adaptiverec", 3): .050}
+    results = tmp_path / "beauty"
+    results.mkdir()
+    for (method, seed), value in ndcg.items():
+        (results / f"{method}-seed{seed}.json").write_text(
+            json.dumps(_record(method, seed, value, 2 * value)))
+    (results / "notes.txt").write_text("not a result")
+    path = aggregate.write_report(results, "beauty", command="reproduce.py --data Beauty.txt",
+                                  unfinished=["sasrec-seed2: checkpoint at epoch 7"])
+    readme = path.read_text()
+    ada = [.043, .047, .050]
+    row = next(line for line in readme.splitlines() if line.startswith("| adaptiverec | 0, 1, 3 |"))
+    assert f"{statistics.fmean(ada):.4f} ± {statistics.stdev(ada):.4f}" in row
+    diffs = [.043 - .040, .047 - .044]  # seeds 0 and 1 only: DuoRec has no seed 3
+    assert f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (n=2)" in row
+    duo = next(line for line in readme.splitlines() if line.startswith("| duorec |"))
+    assert duo.endswith("| — | — |")  # no difference of DuoRec to itself
+    # The paper's AdaptiveRec row beside ours, and by how much ours differs from it.
+    paper = next(p for p in PUBLISHED["beauty"]
+                 if p.method == "adaptiverec" and p.source == "adaptiverec-paper")
+    gap = f"{statistics.fmean(ada) - paper.metrics['NDCG@10']:+.4f}"
+    rows = [line for line in readme.splitlines() if line.startswith("| adaptiverec | ")]
+    assert any("published [adaptiverec-paper]" in line and "0.0427" in line for line in rows)
+    assert any("reproduced − published" in line and gap in line for line in rows)
+    assert "sasrec-seed2: checkpoint at epoch 7" in readme
+    assert (results / "results.png").stat().st_size > 0 and "(results.png)" in readme
+    again = aggregate.write_report(results, "beauty", command="reproduce.py --data Beauty.txt",
+                                   unfinished=["sasrec-seed2: checkpoint at epoch 7"])
+    assert again.read_text() == readme  # derived from the files alone: rebuilding is idempotent
+
+
+def test_a_result_that_does_not_match_its_name_is_an_error(tmp_path):
+    (tmp_path / "sasrec-seed0.json").write_text(json.dumps(_record("duorec", 0, .1, .2)))
+    with pytest.raises(ValueError, match="sasrec-seed0.json"):
+        aggregate.load_results(tmp_path)
+    (tmp_path / "sasrec-seed0.json").write_text("{not json")
+    with pytest.raises(ValueError, match="sasrec-seed0.json"):
+        aggregate.load_results(tmp_path)
+
+
+def test_archive_splits_into_parts_that_join_back(tmp_path):
+    results = tmp_path / "beauty"
+    results.mkdir()
+    (results / "big.bin").write_bytes(torch.randint(0, 256, (50_000,), dtype=torch.uint8)
+                                      .numpy().tobytes())
+    parts = reproduce.archive(results, tmp_path / "out", part_bytes=16_000)
+    assert len(parts) > 1 and all(p.stat().st_size <= 16_000 for p in parts)
+    joined = tmp_path / "joined.tar.gz"
+    joined.write_bytes(b"".join(p.read_bytes() for p in sorted(parts)))
+    with tarfile.open(joined) as tar:
+        assert tar.extractfile("beauty/big.bin").read() == (results / "big.bin").read_bytes()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--jobs", "0"], "--jobs"),
+    (["--budget-s", "-5"], "--budget-s"),
+    (["--methods", "bert4rec"], "--methods"),
+    (["--data", "/nonexistent.txt"], "--data"),
+    (["--device", "gpu9"], "--device"),
+    (["--", "--method", "sasrec"], "--method"),
+    (["--", "--out=x"], "--out"),
+])
+def test_bad_arguments_name_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_the_example_script_is_a_thin_wrapper(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "reproduce.py"), "--dry-run",
+                           "--out-dir", str(tmp_path), "--methods", "sasrec", "--seeds", "4"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "pending       sasrec-seed4: python -m adaptive_cl.rec --method sasrec --seed 4" \
+        in done.stdout
+    assert not list(tmp_path.iterdir())
