@@ -34,7 +34,15 @@ from .environment import describe, peak_memory_mib
 from .metrics import evaluate_popularity
 from .objectives import CONTRASTS
 from .synthetic import make_synthetic
-from .train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig, atomic_write_text
+from .train import (
+    COMPILE_MODES,
+    METHODS,
+    PRESETS,
+    SIMTHRES,
+    Trainer,
+    TrainConfig,
+    atomic_write_text,
+)
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
@@ -85,6 +93,10 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the training passes eagerly (default on CUDA: torch.compile)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode ('reduce-overhead' adds CUDA graphs)")
     p.add_argument("--threads", type=_positive(int),
                    help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     p.add_argument("--out", type=Path, help="directory for results.json, run.json (device, "
@@ -117,6 +129,10 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         "progress": not args.no_progress,
         "record_histograms": args.plots,
         "amp": torch.device(args.device).type == "cuda",
+        # Compiling pays off on a GPU, where the step is launch-bound; on a CPU its minutes of
+        # compilation would outweigh a short run.
+        "compile": torch.device(args.device).type == "cuda" and not args.no_compile,
+        "compile_mode": args.compile_mode,
     }
     for flag in ("contrast", "simthres", "batch_size", "lr", "patience"):
         if getattr(args, flag) is not None:

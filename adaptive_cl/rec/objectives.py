@@ -2,7 +2,8 @@
 
 Each objective maps ``(model, batch, generator)`` to an :class:`ObjectiveOutput`: the total
 loss, its logged parts (device tensors, never read back here), and the contrastive view pair
-and thresholds for the epoch statistics. Every contrastive term goes through
+and thresholds for the epoch statistics. All the sequences a step encodes go through the encoder
+in one pass (:func:`encode`). Every contrastive term goes through
 ``adaptive_info_nce``: plain InfoNCE/NT-Xent is ``k=None, positive_weight=1``; DuoRec's dot
 similarity is ``normalize=False``; CL4SRec's and AdaptiveRec's cosine is ``normalize=True``.
 """
@@ -39,6 +40,16 @@ class ObjectiveOutput:
     parts: dict[str, torch.Tensor]
     views: tuple[torch.Tensor, torch.Tensor] | None = None
     k: torch.Tensor | None = None
+
+
+def encode(model: SASRec, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``model(x)`` for each batch of sequences in ``inputs``, as one encoder pass over them
+    stacked. Dropout draws independently for every row, so each output is distributed exactly
+    as a separate pass; the step launches one pass's kernels instead of one per batch, and each
+    parameter receives one gradient instead of a sum of several."""
+    if len(inputs) == 1:
+        return (model(inputs[0]),)
+    return model(torch.cat(inputs)).split([len(x) for x in inputs])
 
 
 def _check_weight(weight: float) -> float:
@@ -89,9 +100,9 @@ class CL4SRecObjective(nn.Module):
     ) -> ObjectiveOutput:
         if model.mask_token != self.augmenter.mask_token:
             raise ValueError("CL4SRec's mask augmentation needs SASRec(mask_token=True)")
-        ce = model.loss(model(batch.inputs), batch.targets)
         v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)
-        z1, z2 = model(v1), model(v2)
+        h, z1, z2 = encode(model, batch.inputs, v1, v2)
+        ce = model.loss(h, batch.targets)
         cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature, normalize=True,
                                positive_weight=1.0, backend=self.backend)
         loss = ce + self.weight * cl
@@ -127,15 +138,17 @@ class DuoRecObjective(nn.Module):
         self.backend = backend
         self.needs_positives = contrast != "un"
 
-    def pair(self, model: SASRec, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The two views of the contrastive term, given the CE pass ``h``."""
+    def passes(self, model: SASRec, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h, z1, z2)``: the CE pass and the two views of the contrastive term."""
         if self.contrast != "un" and batch.positives is None:
             raise ValueError(f"contrast {self.contrast!r} needs batch.positives")
         if self.contrast == "un":
-            return h, model(batch.inputs)
+            h, z2 = encode(model, batch.inputs, batch.inputs)
+            return h, h, z2
         if self.contrast == "su":
-            return h, model(batch.positives)
-        return model(batch.inputs), model(batch.positives)
+            h, z2 = encode(model, batch.inputs, batch.positives)
+            return h, h, z2
+        return encode(model, batch.inputs, batch.inputs, batch.positives)
 
     def contrastive(
         self, z1: torch.Tensor, z2: torch.Tensor
@@ -149,9 +162,8 @@ class DuoRecObjective(nn.Module):
     def forward(
         self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
-        h = model(batch.inputs)
+        h, z1, z2 = self.passes(model, batch)
         ce = model.loss(h, batch.targets)
-        z1, z2 = self.pair(model, batch, h)
         cl, reg, k = self.contrastive(z1, z2)
         loss = ce + self.weight * cl
         parts = {"ce": ce.detach(), "cl": cl.detach()}

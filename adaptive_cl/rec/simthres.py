@@ -18,6 +18,7 @@ authors' ``FlattenedThresholdNet``) regularised towards k_stat from the second e
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,13 +44,19 @@ def candidate_similarities(z: torch.Tensor, z_aug: torch.Tensor) -> torch.Tensor
         )
     zn = F.normalize(torch.cat([z, z_aug]).float(), dim=1)
     c = (zn @ zn.T).clamp(-1.0, 1.0)
-    n, b = len(zn), len(z)
-    rows = torch.arange(n, device=z.device)[:, None]
+    return c.gather(1, _candidate_columns(len(z), z.device))
+
+
+@functools.lru_cache(maxsize=8)
+def _candidate_columns(b: int, device: torch.device) -> torch.Tensor:
+    """The gather index of :func:`candidate_similarities`, built once per batch size (not
+    with a handful of launches every step)."""
+    n = 2 * b
+    rows = torch.arange(n, device=device)[:, None]
     # Row i takes columns (i + 1 + t) mod N for t = 0..N-2 (everything but itself); its
     # partner (i + B) mod N is always at t = B - 1, so that offset is left out.
-    t = torch.cat([torch.arange(b - 1, device=z.device), torch.arange(b, n - 1, device=z.device)])
-    cols = (rows + 1 + t[None, :]) % n
-    return c.gather(1, cols)
+    t = torch.cat([torch.arange(b - 1, device=device), torch.arange(b, n - 1, device=device)])
+    return (rows + 1 + t[None, :]) % n
 
 
 def exact_percentile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -156,18 +163,23 @@ class StatisticalSimThres:
 
     def __init__(self) -> None:
         self.k = 0.0
+        self._tensor: torch.Tensor | None = None
 
     def update(self, k_stat: float) -> None:
         self.k = float(k_stat)
+        self._tensor = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.full((), self.k, device=h.device)
+        # One fill per epoch, not one per step.
+        if self._tensor is None or self._tensor.device != h.device:
+            self._tensor = torch.full((), self.k, device=h.device)
+        return self._tensor
 
     def state_dict(self) -> dict:
         return {"k": self.k}
 
     def load_state_dict(self, state: dict) -> None:
-        self.k = float(state["k"])
+        self.update(state["k"])
 
 
 class ThresholdNet(nn.Module):

@@ -5,6 +5,13 @@ once (losses are accumulated on the device), evaluates on the validation users, 
 from the epoch's similarity statistics, and writes a checkpoint atomically. Early stopping
 watches validation NDCG@10; the test metrics come from the best epoch's weights.
 
+The training step is built for a GPU: the training data live on the device and batches,
+same-target partners and augmentations are drawn there from a device generator; nothing in a
+step reads a value back to the host (see :mod:`.hostsync`); every sequence of a step goes through
+the encoder in one pass; with ``compile`` the encoder's training passes run through
+``torch.compile`` (Inductor's fused kernels; the CLI turns it on for CUDA), with ``amp`` under
+bf16 autocast; Adam is the fused kernel where torch has one.
+
 Resuming from ``out_dir/checkpoint.pt`` restores the model, optimizer, scheduler, thresholds,
 statistics, every RNG (python, numpy, torch, CUDA, and the generator used for shuffling,
 same-target sampling and augmentation), the history and the early-stopping state, so on the CPU
@@ -37,6 +44,7 @@ from .objectives import (
     Batch,
     CL4SRecObjective,
     DuoRecObjective,
+    ObjectiveOutput,
     SASRecObjective,
 )
 from .simthres import (
@@ -53,9 +61,11 @@ SIMTHRES = ("none", "statistical", "learnable", "learnable-flat")
 PRESETS = ("default", "paper")
 SCHEDULES = ("constant", "cosine")
 SIMILARITIES = ("auto", "cos", "dot")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CHECKPOINT = "checkpoint.pt"
 #: Fields a resumed run may change; everything else must match the checkpoint's config.
-RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms")
+RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms", "compile",
+                     "compile_mode")
 HISTOGRAM_BINS = 64
 
 #: What the "paper" preset changes: the released AdaptiveRec configuration (METHODS.md).
@@ -151,6 +161,8 @@ class TrainConfig:
     seed: int = 2024
     device: str = "cpu"
     amp: bool = False  # bf16 autocast, CUDA only
+    compile: bool = False  # torch.compile the encoder's training passes (CLI: on for CUDA)
+    compile_mode: str = "default"  # torch.compile's mode ("reduce-overhead": CUDA graphs)
     record_histograms: bool = False
     holdout_size: int = 512
     loss_backend: str = "auto"
@@ -179,7 +191,7 @@ class TrainConfig:
         choices = dict(method=METHODS, contrast=CONTRASTS, simthres=SIMTHRES, preset=PRESETS,
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
-                       threshold=("hard", "soft"), ties=TIES,
+                       threshold=("hard", "soft"), ties=TIES, compile_mode=COMPILE_MODES,
                        loss_backend=("auto", "reference", "compiled", "triton"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -304,10 +316,19 @@ class Trainer:
             hidden=config.hidden, layers=config.layers, heads=config.heads, inner=config.inner,
             dropout=config.dropout, attn_dropout=config.attn_dropout,
         ).to(self.device)
+        # Training passes go through step_model: the same module (same parameters, state dict),
+        # compiled when asked. Evaluation stays eager: once per epoch, it is not worth the
+        # recompilations its eval mode and batch sizes would cost.
+        self.step_model = (
+            torch.compile(self.model, dynamic=False, mode=config.compile_mode)
+            if config.compile else self.model
+        )
         self.objective = self._build_objective().to(self.device)
         self.optimizer = torch.optim.Adam(
             [*self.model.parameters(), *self.objective.parameters()],
             lr=config.lr, weight_decay=config.weight_decay,
+            # One kernel for every parameter instead of several per parameter.
+            fused=True if self.device.type in ("cuda", "cpu") else None,
         )
         self.scheduler = (
             torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
@@ -315,6 +336,7 @@ class Trainer:
         )
         self.stats = SimilarityStats(config.kstat_percentile, config.kstat_bins, self.device)
 
+        self._eval_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_inputs = split.train_inputs.to(self.device)
         self.train_targets = split.train_targets.to(self.device)
         self.same_target = split.same_target.to(self.device)
@@ -442,15 +464,28 @@ class Trainer:
                              f"{n} training samples")
         return list(order[:stop].split(c.batch_size))
 
+    def _model_for(self, batch: Batch) -> torch.nn.Module:
+        """``step_model`` for full batches; the plain module for an epoch's partial last batch,
+        which would cost a compilation of its own for one step an epoch."""
+        return self.step_model if len(batch.inputs) == self.config.batch_size else self.model
+
+    def _step(self, batch: Batch) -> ObjectiveOutput:
+        """One optimisation step on ``batch``, the encoder's passes through ``step_model``."""
+        with self._autocast():
+            out = self.objective(self._model_for(batch), batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        return out
+
     def train_epoch(self) -> dict:
         """One pass over the training data; returns the epoch's mean loss parts etc.
         (the only host syncs are at the end)."""
         self.model.train()
         self.objective.train()
         self.stats.reset()
-        sums: dict[str, torch.Tensor] = {}
-        k_sum = torch.zeros((), device=self.device)
-        has_k = False
+        names: list[str] | None = None
+        sums = torch.zeros((), device=self.device)  # loss, parts and k, summed over the steps
         batches = self._batches()
         bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
                    disable=not self.config.progress)
@@ -459,22 +494,22 @@ class Trainer:
             if self.objective.needs_positives:
                 positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
             batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
-            with self._autocast():
-                out = self.objective(self.model, batch, self.generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self.optimizer.step()
-            for name, value in {"loss": out.loss.detach(), **out.parts}.items():
-                sums[name] = sums.get(name, 0) + value.float()
+            out = self._step(batch)
+            logged = {"loss": out.loss.detach(), **out.parts}
+            if out.k is not None:
+                logged["k"] = out.k.detach().float().mean()
+            if names is None:
+                names = list(logged)
+            elif list(logged) != names:
+                raise RuntimeError(f"the objective logged {list(logged)} after {names}")
+            sums = sums + torch.stack([value.float() for value in logged.values()])
             if out.views is not None:
                 self.stats.update(*out.views)
-            if out.k is not None:
-                k_sum = k_sum + out.k.detach().float().mean()
-                has_k = True
         if self.scheduler is not None:
             self.scheduler.step()
-        row = {name: float(value) / len(batches) for name, value in sums.items()}
-        row["k"] = float(k_sum) / len(batches) if has_k else None
+        means = (sums / len(batches)).tolist()  # the epoch's one transfer of the logged values
+        row = dict(zip(names, means))
+        row.setdefault("k", None)
         if self.stats.num_batches:
             row["k_stat_pooled"] = self.stats.percentile("pooled")
             row["k_stat_batch_mean"] = self.stats.percentile("batch_mean")
@@ -490,7 +525,10 @@ class Trainer:
         if state is not None:
             self.model.load_state_dict(state)
         self.model.eval()
-        inputs, targets = self.split.eval_tensors(which)
+        if which not in self._eval_tensors:  # moved to the device once, not every epoch
+            self._eval_tensors[which] = tuple(t.to(self.device)
+                                              for t in self.split.eval_tensors(which))
+        inputs, targets = self._eval_tensors[which]
         with self._autocast():  # the encoder only: SASRec.score keeps the logits in float32
             metrics = evaluate_full_ranking(
                 self.model.score, inputs, targets, batch_size=self.config.eval_batch_size,
