@@ -167,37 +167,45 @@ def main(argv=None) -> int:
     split = leave_one_out(data, args.max_len)
     print(f"{data.name}: {split.num_train} training samples, {split.num_eval_users} users; "
           f"{device_name(args.device)}, torch {torch.__version__}", flush=True)
-    records, skipped = [], []
-    for method in args.methods:
+    name = f"train-{slug(device_name(args.device))}-{_dt.date.today().isoformat()}"
+    results_dir = args.results_dir or (os.path.join(HERE, "results") if cuda else None)
+    records, rows = [], []
+
+    def write(skipped: list[str]) -> str:
+        """The record and table so far (after every method: a kill keeps what was measured)."""
+        lines = [f"# training speed on {device_name(args.device)} ({data.name}, torch "
+                 f"{torch.__version__}, compile={not args.no_compile})", "",
+                 "| check | measured | verdict |", "|---|---|---|"]
+        lines += [f"| {what} | {measured} | {verdict} |" for what, measured, verdict in rows]
+        if skipped:
+            lines += ["", f"Not measured: {', '.join(skipped)}"]
+        table = "\n".join(lines) + "\n"
+        for folder in filter(None, (results_dir, args.out)):
+            os.makedirs(folder, exist_ok=True)
+            stem = os.path.join(folder, name)
+            for suffix, text in ((".json", json.dumps({"records": records}, indent=1)),
+                                 (".md", table)):
+                with open(stem + suffix + ".tmp", "w") as f:  # never a partial record
+                    f.write(text)
+                os.replace(stem + suffix + ".tmp", stem + suffix)
+        return table
+
+    skipped: list[str] = []
+    for i, method in enumerate(args.methods):
         if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
-            skipped.append(method)
-            continue
+            skipped = [f"{m} (budget)" for m in args.methods[i:]]
+            break
         record = measure(method, split, args, torch)
         record["dataset"] = data.name
         records.append(record)
+        rows.extend(judge(record, cuda))
         print(f"{method}: warm-up {record['warmup_s']:.1f} s, epochs {record['epoch_s']} s, "
               f"evaluations {record['eval_s']} s, syncs: {record['host_syncs_in_step']}",
               flush=True)
-    rows = [row for r in records for row in judge(r, cuda)]
-    lines = [f"# training speed on {device_name(args.device)} ({data.name}, torch "
-             f"{torch.__version__}, compile={not args.no_compile})", "",
-             "| check | measured | verdict |", "|---|---|---|"]
-    lines += [f"| {what} | {measured} | {verdict} |" for what, measured, verdict in rows]
-    if skipped:
-        lines += ["", f"Not measured (budget): {', '.join(skipped)}"]
-    table = "\n".join(lines) + "\n"
-    print("\n" + table)
-    name = f"train-{slug(device_name(args.device))}-{_dt.date.today().isoformat()}"
-    results_dir = args.results_dir or (os.path.join(HERE, "results") if cuda else None)
+        write([f"{m} (not yet)" for m in args.methods[i + 1:]])
+    print("\n" + write(skipped))
     for folder in filter(None, (results_dir, args.out)):
-        os.makedirs(folder, exist_ok=True)
-        stem = os.path.join(folder, name)
-        for suffix, text in ((".json", json.dumps({"records": records}, indent=1)),
-                             (".md", table)):
-            with open(stem + suffix + ".tmp", "w") as f:  # never a partial record
-                f.write(text)
-            os.replace(stem + suffix + ".tmp", stem + suffix)
-        print(f"wrote {stem}.json and .md")
+        print(f"wrote {os.path.join(folder, name)}.json and .md")
     failed = any(verdict == "FAIL" for _, _, verdict in rows) or (cuda and skipped)
     return 1 if failed else 0
 
