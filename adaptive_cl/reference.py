@@ -23,7 +23,8 @@ Per-row loss (soft-label cross-entropy)
     positive (a row without extra positives keeps only alpha):
         l_i = alpha (LSE_i - s_i,p(i)) + (1 - alpha) / max(m_i, 1) * sum_{j in A(i)} (LSE_i - s_ij)
     ``weighting="unit"`` (Eq. 9 read literally, alpha < 1):
-        l_i = (LSE_i - s_i,p(i)) - log alpha + sum_{j in A(i)} (LSE_i - s_ij - log((1 - alpha) / m_i))
+        l_i = (LSE_i - s_i,p(i)) - log alpha
+              + sum_{j in A(i)} (LSE_i - s_ij - log((1 - alpha) / m_i))
 
     With "negatives" the extra positives sit outside the LSE, so a row's loss can be negative,
     and with normalize=False unbounded below as ||z|| grows (a warning says so). The reduction
@@ -35,7 +36,8 @@ Soft threshold (``threshold="soft"``, scale beta = ``threshold_scale``)
     denominator weight of a candidate 1 - a_ij ("negatives") or 1 ("all"), m_i = sum_j a_ij,
     and both weightings are written with the guard max(m_i, 1), which is the hard rule when a is
     0/1:
-        normalized: l_i = alpha (LSE_i - s_i,p(i)) + (1 - alpha) / max(m_i, 1) * sum_j a_ij (LSE_i - s_ij)
+        normalized: l_i = alpha (LSE_i - s_i,p(i))
+                          + (1 - alpha) / max(m_i, 1) * sum_j a_ij (LSE_i - s_ij)
         unit:       l_i = (LSE_i - s_i,p(i)) - log alpha
                           + sum_j a_ij (LSE_i - s_ij - log((1 - alpha) / max(m_i, 1)))
     It is differentiable in k and tends to the hard loss as beta -> 0. The hard threshold has
