@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.data is None and args.format != "auto":
+        p.error("argument --format: only applies with --data")
     if args.data is not None:
         if args.data.is_dir():
             p.error(f"argument --data: {args.data} is a directory; expected an interaction file")
@@ -190,6 +192,8 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     unless ``--resume`` continues it or ``--overwrite`` replaces it."""
     if out.exists() and not out.is_dir():
         raise CLIError(f"argument --out: {out} exists and is not a directory")
+    if resume and not out.exists():
+        raise CLIError(f"argument --resume: no checkpoint at {out / CHECKPOINT}")
     if not (resume or overwrite):
         if (out / RESULTS).exists():
             raise CLIError(f"argument --out: {out} holds a finished run ({RESULTS}); pass "
@@ -248,6 +252,10 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         return 2
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (with --out, --resume continues from the last finished "
+              "epoch)", file=sys.stderr)
+        return 130
 
 
 def _run(argv: list[str] | None, prog: str) -> int:

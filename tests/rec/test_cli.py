@@ -140,6 +140,7 @@ def test_overwrite_replaces_a_finished_run(finished, tmp_path, capsys):
     (["--threads", "0"], "--threads"),
     (["--plots"], "--plots"),
     (["--out", "x", "--resume", "--overwrite"], "--overwrite"),
+    (["--format", "pairs"], "--format"),
 ])
 def test_bad_flags(argv, flag, capsys, no_training):
     refused(argv, capsys, f"argument {flag}")
@@ -197,6 +198,10 @@ def test_bad_checkpoints(finished, tmp_path, capsys, no_training):
     data, run = finished
     argv = ["--data", str(data), "--epochs", "2", *SMALL, "--resume"]
     refused([*argv, "--out", str(tmp_path / "none")], capsys, "--resume", "no checkpoint")
+    assert not (tmp_path / "none").exists()  # nothing created for a refused run
+    (tmp_path / "no-checkpoint").mkdir()
+    refused([*argv, "--out", str(tmp_path / "no-checkpoint")], capsys, "--resume",
+            "no checkpoint")
     for name, spoil, fragment in _checkpoint_variants(run, tmp_path):
         out = tmp_path / name
         out.mkdir()
