@@ -75,10 +75,20 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
         return value
     return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid int") from None
+    if not 0 <= value < 2**32:  # numpy's seed range
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
+    return value
 
 
 def _device(text: str) -> str:
@@ -88,6 +98,9 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
+                                         "CUDA device(s)")
     return text
 
 
@@ -130,7 +143,7 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--patience", type=_positive(int))
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--seed", type=_seed, default=2024)
     p.add_argument("--threads", type=_positive(int),
                    help=f"CPU threads for PyTorch (default: half the usable CPUs, at most "
                         f"{MAX_DEFAULT_THREADS}; {default_threads()} here)")
@@ -266,6 +279,10 @@ def _run(argv: list[str] | None, prog: str) -> int:
         check_out(args.out, resume=args.resume, overwrite=args.overwrite)
     start = time.perf_counter()
     data, split = load_data(args, config.max_len)
+    if config.drop_last and split.num_train < config.batch_size:
+        raise CLIError(f"argument --batch-size: {config.batch_size} with the {config.preset} "
+                       f"preset's drop_last leaves no batch of the {split.num_train} training "
+                       "samples")
     trainer = Trainer(config, split, args.out, dataset=data.name)
     if args.resume:
         try:

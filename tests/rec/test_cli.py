@@ -141,6 +141,9 @@ def test_overwrite_replaces_a_finished_run(finished, tmp_path, capsys):
     (["--plots"], "--plots"),
     (["--out", "x", "--resume", "--overwrite"], "--overwrite"),
     (["--format", "pairs"], "--format"),
+    (["--seed", "-1"], "--seed"),
+    (["--lr", "inf"], "--lr"),
+    (["--preset", "paper", "--batch-size", "100000"], "--batch-size"),
 ])
 def test_bad_flags(argv, flag, capsys, no_training):
     refused(argv, capsys, f"argument {flag}")
