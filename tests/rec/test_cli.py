@@ -4,8 +4,8 @@ stderr and exit code 2 before any training."""
 import importlib
 import json
 import os
+import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -62,24 +62,29 @@ def refused(argv, capsys, *fragments) -> str:
 
 # ------------------------------------------------------------------------------ entry points
 
-def test_entry_points():
-    # The console script names the package's main; the example and ``python -m`` run it too.
+def test_entry_points(monkeypatch, capsys):
+    # The console script names the package's main; ``python -m adaptive_cl.rec`` and the
+    # example run it too (in this process: a subprocess would import torch again).
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     with open(ROOT / "pyproject.toml", "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
     module, _, name = scripts["adaptive-cl-train"].partition(":")
     assert getattr(importlib.import_module(module), name) is cli.main
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "adaptive_cl.rec", "--help"], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("usage: python -m adaptive_cl.rec")
-    assert "--overwrite" in done.stdout
-    example = str(ROOT / "examples" / "train_sasrec.py")
-    done = subprocess.run([sys.executable, example, "--batch-size", "0"], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("train_sasrec.py: error: argument --batch-size")
+    for run, target, prog in ((runpy.run_module, "adaptive_cl.rec", "python -m adaptive_cl.rec"),
+                              (runpy.run_path, str(ROOT / "examples" / "train_sasrec.py"),
+                               "train_sasrec.py")):
+        monkeypatch.setattr(sys, "argv", [target, "--help"])
+        with pytest.raises(SystemExit) as done:
+            run(target, run_name="__main__")
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {prog}") and "--overwrite" in out
+        monkeypatch.setattr(sys, "argv", [target, "--batch-size", "0"])
+        with pytest.raises(SystemExit) as done:
+            run(target, run_name="__main__")
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"{prog}: error: argument --batch-size")
 
 
 def test_default_threads():
