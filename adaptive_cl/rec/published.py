@@ -19,9 +19,9 @@ class Published:
 #: What each source tag means.
 SOURCES = {
     "adaptiverec-paper": "AdaptiveRec paper (arXiv 2307.05469), Table 1, Amazon Beauty",
-    "baselines": "the project's protocol notes (METHODS.md, 'Published numbers'): the Beauty "
-                 "HR@5 / HR@10 / NDCG@5 / NDCG@10 row of SASRec, CL4SRec, DuoRec, ICLRec, "
-                 "MCLRec and RCL",
+    "baselines": "Beauty HR@5 / HR@10 / NDCG@5 / NDCG@10 of SASRec, CL4SRec, DuoRec, ICLRec, "
+                 "MCLRec and RCL as the project's protocol notes give them (the notes do not "
+                 "name the paper whose table the row comes from)",
 }
 
 

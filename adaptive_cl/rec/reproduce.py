@@ -45,7 +45,7 @@ import torch
 
 from . import aggregate
 from .environment import describe
-from .train import CHECKPOINT, METHODS, atomic_write_text
+from .train import CHECKPOINT, METHODS, CheckpointError, atomic_write_text, read_checkpoint
 
 PRIORITY = aggregate.ORDER  # the issue's table: these methods' seeds run first
 SEEDS = (0, 1, 2)
@@ -120,11 +120,15 @@ class Layout:
 
 
 def checkpoint_epoch(work: Path) -> int | None:
-    """Epochs done by the checkpoint in ``work``, None without one."""
+    """Epochs done by the checkpoint in ``work``, None without a readable one (the run's next
+    attempt then says why, in its log)."""
     path = work / CHECKPOINT
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    try:
+        return int(read_checkpoint(path)["epoch"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------ estimates
