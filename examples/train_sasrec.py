@@ -26,10 +26,20 @@ from pathlib import Path
 import torch
 
 from adaptive_cl.rec.data import FORMATS, DataFormatError, leave_one_out, load_dataset
+from adaptive_cl.rec.mclrec import REGULARIZERS, UPDATES
 from adaptive_cl.rec.metrics import evaluate_popularity
 from adaptive_cl.rec.objectives import CONTRASTS
+from adaptive_cl.rec.rcl import NGRAMS
+from adaptive_cl.rec.rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from adaptive_cl.rec.synthetic import make_synthetic
-from adaptive_cl.rec.train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig
+from adaptive_cl.rec.train import (
+    METHODS,
+    PRESETS,
+    SIMTHRES,
+    THRESHOLDED,
+    Trainer,
+    TrainConfig,
+)
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
@@ -49,6 +59,38 @@ def _positive(kind: type):
     return parse
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+#: Method-specific flags: (flag, TrainConfig field, the method it belongs to).
+METHOD_FLAGS = (
+    ("--rcl-alpha", "rcl_alpha", "rcl"),
+    ("--rcl-ngram", "rcl_ngram", "rcl"),
+    ("--rcl-weighting", "rcl_weighting", "rcl"),
+    ("--mclrec-update", "mclrec_update", "mclrec"),
+    ("--mclrec-regularizer", "mclrec_regularizer", "mclrec"),
+    ("--mclrec-lambda", "mclrec_lambda", "mclrec"),
+    ("--mclrec-beta", "mclrec_beta", "mclrec"),
+)
+
+
 def _device(text: str) -> str:
     try:
         device = torch.device(text)
@@ -66,13 +108,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="adaptiverec", choices=METHODS)
     p.add_argument("--contrast", choices=CONTRASTS, help="DuoRec/AdaptiveRec pair (us_x)")
     p.add_argument("--simthres", choices=SIMTHRES,
-                   help="AdaptiveRec threshold (default: statistical; paper: learnable-flat)")
+                   help="AdaptiveRec's threshold (adaptiverec default: statistical, paper preset: "
+                        "learnable-flat; rcl and mclrec default: none)")
+    p.add_argument("--rcl-alpha", type=_fraction,
+                   help="RCL: top fraction of similar training histories per user (0.05)")
+    p.add_argument("--rcl-ngram", type=int, choices=NGRAMS,
+                   help="RCL: Jaccard over items (1) or consecutive item pairs (2)")
+    p.add_argument("--rcl-weighting", choices=RCL_WEIGHTINGS,
+                   help="RCL weak-term weights: similarity (Eq. 16), row (released code), none")
+    p.add_argument("--cache-dir", type=Path,
+                   help="cache for RCL's weak positives (default: OUT/cache; none without --out)")
+    p.add_argument("--mclrec-update", choices=UPDATES,
+                   help="MCLRec: alternating encoder/augmenter/encoder steps, or joint (deviation)")
+    p.add_argument("--mclrec-regularizer", choices=REGULARIZERS,
+                   help="MCLRec's R: paper (Eqs. 11-15) or code (per row, three pairs)")
+    p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
+    p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int))
     p.add_argument("--lr", type=_positive(float))
     p.add_argument("--max-len", type=_positive(int))
     p.add_argument("--patience", type=_positive(int))
+    p.add_argument("--max-batches", type=_positive(int),
+                   help="train at most this many batches per epoch (smoke tests)")
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=2024)
@@ -89,8 +148,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("argument --resume: needs --out DIR holding checkpoint.pt")
     if args.plots and args.out is None:
         p.error("argument --plots: needs --out DIR for the figures")
-    if args.simthres is not None and args.method != "adaptiverec":
-        p.error(f"argument --simthres: only applies to --method adaptiverec, not {args.method}")
+    if args.simthres is not None and args.method not in THRESHOLDED:
+        p.error(f"argument --simthres: only applies to --method {', '.join(THRESHOLDED)}, "
+                f"not {args.method}")
+    for flag, field, method in METHOD_FLAGS:
+        if getattr(args, field) is not None and args.method != method:
+            p.error(f"argument {flag}: only applies to --method {method}, not {args.method}")
+    if args.cache_dir is not None and args.method != "rcl":
+        p.error(f"argument --cache-dir: only applies to --method rcl, not {args.method}")
     if args.contrast is not None and args.method not in ("duorec", "adaptiverec"):
         p.error(f"argument --contrast: only applies to duorec and adaptiverec, not {args.method}")
     return args
@@ -108,7 +173,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "record_histograms": args.plots,
         "amp": torch.device(args.device).type == "cuda",
     }
-    for flag in ("contrast", "simthres", "batch_size", "lr", "patience"):
+    for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
+                 *(field for _, field, _ in METHOD_FLAGS)):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.simthres == "learnable-flat":
@@ -145,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
           f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
           f"{config.device}", flush=True)
-    trainer = Trainer(config, split, args.out, dataset=data.name)
+    trainer = Trainer(config, split, args.out, dataset=data.name, cache_dir=args.cache_dir)
     if args.resume:
         try:
             trainer.resume()

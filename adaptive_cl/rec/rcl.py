@@ -208,7 +208,8 @@ def _load_cache(path: Path, key: str) -> tuple[np.ndarray, ...] | None:
         with np.load(path, allow_pickle=False) as f:
             if str(f["key"]) != key:
                 return None
-            return f["indptr"], f["neighbours"], f["similarities"]
+            return (f["indptr"], f["neighbours"].astype(np.int64),
+                    f["similarities"].astype(np.float64))
     except (OSError, ValueError, KeyError, EOFError):
         return None
 
@@ -235,10 +236,15 @@ def weak_positives(
         neighbours = _load_cache(path, key)
     if neighbours is None:
         neighbours = top_similar(indptr, features, alpha)
+        # What the cache stores, so that a fresh and a cached run draw identically.
+        neighbours = (neighbours[0], neighbours[1],
+                      neighbours[2].astype(np.float32).astype(np.float64))
         if cache_dir is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # int32 / float32 halve the file (Beauty: ~40 MB); the draw needs no more.
             _atomic_savez(path, key=np.array(key), indptr=neighbours[0],
-                          neighbours=neighbours[1], similarities=neighbours[2])
+                          neighbours=neighbours[1].astype(np.int32),
+                          similarities=neighbours[2].astype(np.float32))
     return WeakPositives(*neighbours, sample_row, last_sample, indptr, features)
 
 
