@@ -3,6 +3,7 @@
 Small modules, each doing one thing: ``data`` (readers, k-core, leave-one-out split),
 ``synthetic`` (the embedded demo dataset), ``metrics`` (full-ranking metrics, uniformity,
 alignment), ``model`` (SASRec), ``augment`` (sequence augmentations), ``simthres``
-(statistical and learnable thresholds), ``objectives`` (the training losses of each method),
-``train`` (the seeded, resumable training loop) and ``plots``.
+(statistical and learnable thresholds), ``objectives`` (the training losses of each method;
+RCL's and MCLRec's, with their weak-positive index and learnable augmenters, in ``rcl`` and
+``mclrec``), ``train`` (the seeded, resumable training loop) and ``plots``.
 """
