@@ -1,18 +1,17 @@
-"""RCL and MCLRec through the Trainer and the training example: configuration, bit-identical
+"""RCL and MCLRec through the Trainer and the training CLI: configuration, bit-identical
 resume (the augmenters' own optimizer included), end-to-end runs on synthetic data and Beauty."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from adaptive_cl.rec import cli
 from adaptive_cl.rec.data import leave_one_out
 from adaptive_cl.rec.synthetic import make_synthetic
 from adaptive_cl.rec.train import CHECKPOINT, TrainConfig, Trainer, train
 
-ROOT = Path(__file__).resolve().parents[2]
 BEAUTY = Path("/work/shared/data/Beauty.txt")
 
 
@@ -108,16 +107,8 @@ def test_augmenters_are_not_in_the_encoders_optimizer(split):
     assert {id(p) for p in joint.objective.augmenters.parameters()} <= main
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("train_sasrec", ROOT / "examples" /
-                                                  "train_sasrec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run(argv, out: Path) -> dict:
-    assert _cli().main([*argv, "--epochs", "1", "--max-batches", "2", "--no-progress",
+    assert cli.main([*argv, "--epochs", "1", "--max-batches", "2", "--no-progress",
                         "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text())
 
@@ -157,13 +148,13 @@ def test_cli_on_beauty(tmp_path, method, part):
 ])
 def test_cli_bad_arguments(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli().main(argv)
+        cli.main(argv)
     assert exit_info.value.code == 2
     assert flag in capsys.readouterr().err
 
 
 def test_cli_rejects_a_threshold_on_eq16(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _cli().main(["--method", "rcl", "--simthres", "statistical", "--no-progress"])
+        cli.main(["--method", "rcl", "--simthres", "statistical", "--no-progress"])
     assert exit_info.value.code == 2
     assert "rcl_weighting" in capsys.readouterr().err
