@@ -9,6 +9,11 @@ Resuming from ``out_dir/checkpoint.pt`` restores the model, optimizer, scheduler
 statistics, every RNG (python, numpy, torch, CUDA, and the generator used for shuffling,
 same-target sampling and augmentation), the history and the early-stopping state, so on the CPU
 a resumed run is bit-identical to an uninterrupted one.
+
+A step is zero_grad / backward / step of one Adam over the model and the objective's parameters,
+unless the objective defines ``train_step`` (MCLRec: three steps, its augmenters with an Adam of
+their own, which it keeps in its state dict, so checkpoints carry it) and ``main_parameters``
+(what the shared Adam may update).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _equal(a, b) -> bool:
 # RCL and MCLRec add (the cached weak positives, the augmenters and their own Adam).
 @pytest.mark.parametrize("kw", [dict(method="rcl"), dict(method="mclrec")])
 def test_resume_is_bit_identical(split, tmp_path, kw):
-    cfg = config(**kw)
+    cfg = config(**kw, max_batches=3)  # a few steps per epoch show what resume restores
     full = train(cfg, split, tmp_path / "full")
 
     def stop_after_two(row):
@@ -108,8 +108,8 @@ def test_augmenters_are_not_in_the_encoders_optimizer(split):
 
 
 def _run(argv, out: Path) -> dict:
-    assert cli.main([*argv, "--epochs", "1", "--max-batches", "2", "--no-progress",
-                        "--out", str(out)]) == 0
+    assert cli.main([*argv, "--epochs", "1", "--max-batches", "2", "--batch-size", "32",
+                     "--no-progress", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text())
 
 
@@ -128,8 +128,7 @@ def test_cli_on_the_synthetic_data(tmp_path, method, extra, part):
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="needs /work/shared/data/Beauty.txt")
 @pytest.mark.parametrize("method, part", [("rcl", "strong"), ("mclrec", "cl2")])
 def test_cli_on_beauty(tmp_path, method, part):
-    results = _run(["--data", str(BEAUTY), "--method", method, "--batch-size", "32",
-                    "--max-len", "10"], tmp_path)
+    results = _run(["--data", str(BEAUTY), "--method", method, "--max-len", "10"], tmp_path)
     assert results["dataset"] == "Beauty" and results["method"] == method
     row = results["history"][0]
     assert part in row and all(v == v for v in row.values() if isinstance(v, float))
