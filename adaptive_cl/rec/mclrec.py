@@ -188,7 +188,9 @@ class MCLRecObjective(nn.Module):
 
     # Checkpoints carry the augmenters' Adam inside the objective's state dict.
     def get_extra_state(self) -> dict:
-        return {} if self.optimizer is None else {"augmenter_optimizer": self.optimizer.state_dict()}
+        if self.optimizer is None:
+            return {}
+        return {"augmenter_optimizer": self.optimizer.state_dict()}
 
     def set_extra_state(self, state: dict) -> None:
         if self.optimizer is not None:
