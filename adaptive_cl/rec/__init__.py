@@ -1,5 +1,9 @@
 """Sequential recommendation pipeline around the AdaptiveRec loss.
 
+The protocol (data, 5-core filter, leave-one-out split, full-ranking evaluation, early stopping,
+SASRec, the objectives of SASRec, CL4SRec, DuoRec and AdaptiveRec) is written out in the README
+("The pipeline's protocol"); each module's docstring states its own part.
+
 Small modules, each doing one thing: ``data`` (readers, k-core, leave-one-out split),
 ``synthetic`` (the embedded demo dataset), ``metrics`` (full-ranking metrics, uniformity,
 alignment), ``model`` (SASRec), ``augment`` (sequence augmentations), ``simthres``

@@ -165,7 +165,7 @@ class DuoRecObjective(nn.Module):
 
 
 class AdaptiveRecObjective(DuoRecObjective):
-    """AdaptiveRec: DuoRec (``us_x`` by default) with the threshold-adaptive loss of SPEC.md.
+    """AdaptiveRec: DuoRec (``us_x`` by default) with the threshold-adaptive loss (:mod:`adaptive_cl.reference`).
 
     ``simthres``: None (no threshold: alpha * NT-Xent under "normalized"), a
     ``StatisticalSimThres`` (one k per epoch) or a ``LearnableSimThres`` (one k per row; its

@@ -70,7 +70,7 @@ CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms")
 HISTOGRAM_BINS = 64
 
-#: What the "paper" preset changes: the released AdaptiveRec configuration (METHODS.md).
+#: What the "paper" preset changes: the released AdaptiveRec configuration (README: protocol).
 PAPER_PRESET = dict(
     batch_size=1024,
     drop_last=True,
@@ -124,7 +124,8 @@ class _NoBar:
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a run (recorded in the results). Defaults = METHODS.md's.
+    """Every hyper-parameter of a run (recorded in the results). Defaults = the protocol's
+    (README, "The pipeline's protocol").
 
     Build presets with :meth:`from_preset`; setting ``preset="paper"`` by hand only labels the
     run and changes nothing else.
@@ -190,7 +191,7 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
-        """The ``"default"`` (METHODS.md) or ``"paper"`` (released AdaptiveRec) configuration,
+        """The ``"default"`` (the protocol) or ``"paper"`` (released AdaptiveRec) configuration,
         with ``overrides`` applied on top."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
@@ -270,11 +271,20 @@ class TrainConfig:
 def atomic_save(obj: object, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in
     the same directory, fsync it, ``os.replace`` it over ``path``, fsync the directory."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path: str | Path, write: Callable) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -286,6 +296,36 @@ def atomic_save(obj: object, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message says why, on one line."""
+
+
+#: What a checkpoint of :class:`Trainer` holds besides its config (``state_dict``'s keys).
+CHECKPOINT_KEYS = ("epoch", "model", "objective", "statistical_simthres", "optimizer",
+                   "scheduler", "stats", "rng", "history", "best", "train_seconds")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` a checkpoint onto the CPU (``weights_only=True``), turning every way of
+    failing (missing, a directory, empty, truncated, not a torch file) into a one-line
+    :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        # RNG states must stay on the CPU; the load_state_dict calls move the rest.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports a bad file in many exception types
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({_first_line(err)})") from None
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -378,6 +418,7 @@ class Trainer:
         self.holdout = pool[torch.randperm(len(pool), generator=held)[:n]]
         self.holdout_partner = split.same_target.sample(self.holdout, held)
 
+        self.data_fingerprint = split.fingerprint()
         self.epoch = 0
         self.history: list[dict] = []
         self.best_metric = -math.inf
@@ -437,6 +478,8 @@ class Trainer:
         simthres = self.simthres
         return {
             "config": self.config.to_dict(),
+            "data": {"fingerprint": self.data_fingerprint, "name": self.dataset,
+                     "num_items": self.split.num_items, "num_train": self.split.num_train},
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
@@ -452,19 +495,42 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self, state: object) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` is a checkpoint of this trainer made
+        from the same config (up to ``RESUMABLE_CHANGES``) and the same data."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError("not a checkpoint of this trainer (no config in it)")
+        missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"not a checkpoint of this trainer (no {', '.join(missing)})")
         # A field added after the checkpoint was written counts as its default value.
         saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
         current = self.config.to_dict()
         differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
         if differ:
-            raise ValueError(
+            raise CheckpointError(
                 "the checkpoint was written with a different config: "
                 + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ)
             )
+        data = state.get("data")  # absent in checkpoints older than the fingerprint
+        if data is not None and data.get("fingerprint") != self.data_fingerprint:
+            raise CheckpointError(
+                f"the checkpoint was trained on other data ({data.get('name')!r}: "
+                f"{data.get('num_items')} items, {data.get('num_train')} training samples; now "
+                f"{self.dataset!r}: {self.split.num_items} items, {self.split.num_train}): "
+                "resume with the same data file, format and max_len"
+            )
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         self.epoch = state["epoch"]
-        self.model.load_state_dict(state["model"])
-        self.objective.load_state_dict(state["objective"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.objective.load_state_dict(state["objective"])
+        except RuntimeError as err:  # an old checkpoint (no fingerprint) of another dataset
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit this model: {_first_line(err)}"
+            ) from None
         if state["statistical_simthres"] is not None:
             self.simthres.load_state_dict(state["statistical_simthres"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -484,15 +550,13 @@ class Trainer:
             atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
 
     def resume(self) -> None:
-        """Continue from ``out_dir/checkpoint.pt``. Load only checkpoints you trust; they are
-        read with ``weights_only=True`` all the same."""
+        """Continue from ``out_dir/checkpoint.pt``, or raise :class:`CheckpointError` (a
+        ``ValueError``) saying why it cannot: missing, unreadable, not this trainer's, another
+        config or other data. Load only checkpoints you trust; they are read with
+        ``weights_only=True`` all the same."""
         if self.out_dir is None:
-            raise ValueError("resume needs an out_dir holding checkpoint.pt")
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            raise ValueError(f"resume: no checkpoint at {path}")
-        # RNG states must stay on the CPU; the load_state_dict calls move the rest.
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            raise CheckpointError("resume needs an out_dir holding checkpoint.pt")
+        self.load_state_dict(read_checkpoint(self.out_dir / CHECKPOINT))
 
     # --------------------------------------------------------------------------- training
 
