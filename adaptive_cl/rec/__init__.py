@@ -7,7 +7,8 @@ SASRec, the objectives of SASRec, CL4SRec, DuoRec and AdaptiveRec) is written ou
 Small modules, each doing one thing: ``data`` (readers, k-core, leave-one-out split),
 ``synthetic`` (the embedded demo dataset), ``metrics`` (full-ranking metrics, uniformity,
 alignment), ``model`` (SASRec), ``augment`` (sequence augmentations), ``simthres``
-(statistical and learnable thresholds), ``objectives`` (the training losses of each method),
-``train`` (the seeded, resumable training loop), ``plots`` and ``cli`` (the command line:
-``adaptive-cl-train`` or ``python -m adaptive_cl.rec``).
+(statistical and learnable thresholds), ``objectives`` (the training losses of each method;
+RCL's and MCLRec's, with their weak-positive index and learnable augmenters, in ``rcl`` and
+``mclrec``), ``train`` (the seeded, resumable training loop), ``plots`` and ``cli`` (the command
+line: ``adaptive-cl-train`` or ``python -m adaptive_cl.rec``).
 """

@@ -36,8 +36,11 @@ import torch
 
 from .data import FORMATS, DataFormatError, detect_format, leave_one_out, load_dataset
 from .environment import describe, peak_memory_mib
+from .mclrec import REGULARIZERS, UPDATES
 from .metrics import evaluate_popularity
 from .objectives import CONTRASTS
+from .rcl import NGRAMS
+from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .synthetic import make_synthetic
 from .train import (
     CHECKPOINT,
@@ -45,6 +48,7 @@ from .train import (
     METHODS,
     PRESETS,
     SIMTHRES,
+    THRESHOLDED,
     CheckpointError,
     Trainer,
     TrainConfig,
@@ -93,6 +97,38 @@ def _seed(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
+    return value
+
+
+#: Method-specific flags: (flag, TrainConfig field, the method it belongs to).
+METHOD_FLAGS = (
+    ("--rcl-alpha", "rcl_alpha", "rcl"),
+    ("--rcl-ngram", "rcl_ngram", "rcl"),
+    ("--rcl-weighting", "rcl_weighting", "rcl"),
+    ("--mclrec-update", "mclrec_update", "mclrec"),
+    ("--mclrec-regularizer", "mclrec_regularizer", "mclrec"),
+    ("--mclrec-lambda", "mclrec_lambda", "mclrec"),
+    ("--mclrec-beta", "mclrec_beta", "mclrec"),
+)
+
+
 def _device(text: str) -> str:
     try:
         device = torch.device(text)
@@ -136,13 +172,30 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--method", default="adaptiverec", choices=METHODS)
     p.add_argument("--contrast", choices=CONTRASTS, help="DuoRec/AdaptiveRec pair (us_x)")
     p.add_argument("--simthres", choices=SIMTHRES,
-                   help="AdaptiveRec threshold (default: statistical; paper: learnable-flat)")
+                   help="AdaptiveRec's threshold (adaptiverec default: statistical, paper preset: "
+                        "learnable-flat; rcl and mclrec default: none)")
+    p.add_argument("--rcl-alpha", type=_fraction,
+                   help="RCL: top fraction of similar training histories per user (0.05)")
+    p.add_argument("--rcl-ngram", type=int, choices=NGRAMS,
+                   help="RCL: Jaccard over items (1) or consecutive item pairs (2)")
+    p.add_argument("--rcl-weighting", choices=RCL_WEIGHTINGS,
+                   help="RCL weak-term weights: similarity (Eq. 16), row (released code), none")
+    p.add_argument("--cache-dir", type=Path,
+                   help="cache for RCL's weak positives (default: OUT/cache; none without --out)")
+    p.add_argument("--mclrec-update", choices=UPDATES,
+                   help="MCLRec: alternating encoder/augmenter/encoder steps, or joint (deviation)")
+    p.add_argument("--mclrec-regularizer", choices=REGULARIZERS,
+                   help="MCLRec's R: paper (Eqs. 11-15) or code (per row, three pairs)")
+    p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
+    p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int))
     p.add_argument("--lr", type=_positive(float))
     p.add_argument("--max-len", type=_positive(int))
     p.add_argument("--patience", type=_positive(int))
+    p.add_argument("--max-batches", type=_positive(int),
+                   help="train at most this many batches per epoch (smoke tests)")
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=_seed, default=2024)
@@ -176,8 +229,14 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
         p.error("argument --plots: needs --out DIR for the figures")
     if args.plots and importlib.util.find_spec("matplotlib") is None:
         p.error("argument --plots: needs matplotlib (pip install 'adaptive-cl[examples]')")
-    if args.simthres is not None and args.method != "adaptiverec":
-        p.error(f"argument --simthres: only applies to --method adaptiverec, not {args.method}")
+    if args.simthres is not None and args.method not in THRESHOLDED:
+        p.error(f"argument --simthres: only applies to --method {', '.join(THRESHOLDED)}, "
+                f"not {args.method}")
+    for flag, field, method in METHOD_FLAGS:
+        if getattr(args, field) is not None and args.method != method:
+            p.error(f"argument {flag}: only applies to --method {method}, not {args.method}")
+    if args.cache_dir is not None and args.method != "rcl":
+        p.error(f"argument --cache-dir: only applies to --method rcl, not {args.method}")
     if args.contrast is not None and args.method not in ("duorec", "adaptiverec"):
         p.error(f"argument --contrast: only applies to duorec and adaptiverec, not {args.method}")
     return args
@@ -200,7 +259,8 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         "compile": torch.device(args.device).type == "cuda" and not args.no_compile,
         "compile_mode": args.compile_mode,
     }
-    for flag in ("contrast", "simthres", "batch_size", "lr", "patience"):
+    for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
+                 *(field for _, field, _ in METHOD_FLAGS)):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.simthres == "learnable-flat":
@@ -294,7 +354,7 @@ def _run(argv: list[str] | None, prog: str) -> int:
         raise CLIError(f"argument --batch-size: {config.batch_size} with the {config.preset} "
                        f"preset's drop_last leaves no batch of the {split.num_train} training "
                        "samples")
-    trainer = Trainer(config, split, args.out, dataset=data.name)
+    trainer = Trainer(config, split, args.out, dataset=data.name, cache_dir=args.cache_dir)
     if args.resume:
         try:
             trainer.resume()

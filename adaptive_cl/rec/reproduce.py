@@ -85,8 +85,8 @@ def default_methods() -> list[str]:
 
 def make_plan(dataset: str, methods: Sequence[str] | None = None,
               seeds: Sequence[int] = SEEDS) -> list[Run]:
-    """The runs in the order they start: every seed of the issue's methods (seed by seed, so
-    paired comparisons complete early), then every seed of the others."""
+    """The runs in the order they start: the issue's methods seed by seed (so paired
+    comparisons complete early), then the others seed by seed."""
     methods = default_methods() if methods is None else list(methods)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods or len(set(methods)) != len(methods):

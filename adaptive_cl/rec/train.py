@@ -16,6 +16,11 @@ Resuming from ``out_dir/checkpoint.pt`` restores the model, optimizer, scheduler
 statistics, every RNG (python, numpy, torch, CUDA, and the generator used for shuffling,
 same-target sampling and augmentation), the history and the early-stopping state, so on the CPU
 a resumed run is bit-identical to an uninterrupted one.
+
+A step is zero_grad / backward / step of one Adam over the model and the objective's parameters,
+unless the objective defines ``train_step`` (MCLRec: three steps, its augmenters with an Adam of
+their own, which it keeps in its state dict, so checkpoints carry it) and ``main_parameters``
+(what the shared Adam may update).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
+from .mclrec import REGULARIZERS, UPDATES, MCLRecObjective
 from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
 from .model import SASRec
 from .objectives import (
@@ -43,10 +49,13 @@ from .objectives import (
     AdaptiveRecObjective,
     Batch,
     CL4SRecObjective,
+    ContrastiveTerm,
     DuoRecObjective,
     ObjectiveOutput,
     SASRecObjective,
 )
+from .rcl import NGRAMS, RCLObjective, weak_positives
+from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .simthres import (
     KSTAT_METHODS,
     FlattenedThresholdNet,
@@ -56,7 +65,9 @@ from .simthres import (
     ThresholdNet,
 )
 
-METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec")
+METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec", "rcl", "mclrec")
+#: Methods that can take AdaptiveRec's threshold (on top of their own terms for rcl, mclrec).
+THRESHOLDED = ("adaptiverec", "rcl", "mclrec")
 SIMTHRES = ("none", "statistical", "learnable", "learnable-flat")
 PRESETS = ("default", "paper")
 SCHEDULES = ("constant", "cosine")
@@ -79,6 +90,14 @@ PAPER_PRESET = dict(
     weighting="normalized",
     kstat_method="batch_mean",
 )
+
+#: Per-method defaults that ``from_preset`` applies unless the preset or a caller sets them:
+#: RCL and MCLRec run without a threshold (their papers' losses) and MCLRec with its own
+#: augmentation rates.
+METHOD_DEFAULTS = {
+    "rcl": dict(simthres="none"),
+    "mclrec": dict(simthres="none", crop=0.5, mask=0.5, reorder=0.8),
+}
 
 
 
@@ -155,6 +174,18 @@ class TrainConfig:
     crop: float = 0.6
     mask: float = 0.3
     reorder: float = 0.6
+    # RCL (rcl.py): lambda is cl_weight, tau is temperature.
+    rcl_alpha: float = 0.05  # top fraction of similar training histories kept per user
+    rcl_ngram: int = 1  # 1: Jaccard over items; 2: over consecutive pairs (the paper's table)
+    rcl_weighting: str = "similarity"  # Eq. 16; "row": released code; "none": Eq. 14
+    rcl_weight_power: float = 0.1  # "row" weights s ** power
+    # MCLRec (mclrec.py)
+    mclrec_lambda: float = 0.0  # weight of L_cl1 (Beauty: 0)
+    mclrec_beta: float = 0.05  # weight of L_cl2 (Beauty: 0.05)
+    mclrec_reg_weight: float = 0.1  # gamma / beta
+    mclrec_regularizer: str = "paper"  # or "code": per-row R over the three L_cl2 pairs
+    mclrec_update: str = "alternating"  # or "joint" (one step; a deviation)
+    max_batches: int | None = None  # cap on batches per epoch (smoke tests), None = all
     patience: int = 10
     eval_batch_size: int = 1024
     mask_history: bool = False
@@ -175,15 +206,20 @@ class TrainConfig:
         with ``overrides`` applied on top."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-        base = dict(PAPER_PRESET) if preset == "paper" else {}
+        base = dict(METHOD_DEFAULTS.get(overrides.get("method", cls.method), {}))
+        if preset == "paper":
+            base.update(PAPER_PRESET)
         config = cls(**{**base, **overrides, "preset": preset})
         config.validate()
         return config
 
     @property
     def normalize(self) -> bool:
-        """Cosine similarity in the contrastive loss (False = DuoRec's dot product)."""
+        """Cosine similarity in the contrastive loss (False = the dot product of DuoRec, RCL and
+        MCLRec; RCL and MCLRec switch to cosine under a SimThres, a cosine level)."""
         if self.similarity == "auto":
+            if self.method in ("rcl", "mclrec"):
+                return self.simthres != "none"
             return self.method != "duorec"
         return self.similarity == "cos"
 
@@ -193,6 +229,8 @@ class TrainConfig:
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
                        threshold=("hard", "soft"), ties=TIES, compile_mode=COMPILE_MODES,
+                       rcl_ngram=NGRAMS, rcl_weighting=RCL_WEIGHTINGS,
+                       mclrec_regularizer=REGULARIZERS, mclrec_update=UPDATES,
                        loss_backend=("auto", "reference", "compiled", "triton"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -206,7 +244,15 @@ class TrainConfig:
         for name in ("lr", "temperature", "threshold_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "cl_weight", "reg_weight"):
+        if not 0 < self.rcl_alpha <= 1:
+            raise ValueError(f"rcl_alpha must be in (0, 1], got {self.rcl_alpha!r}")
+        if self.max_batches is not None and (isinstance(self.max_batches, bool) or not
+                                             isinstance(self.max_batches, int) or
+                                             self.max_batches < 1):
+            raise ValueError(f"max_batches must be None or an integer >= 1, got "
+                             f"{self.max_batches!r}")
+        for name in ("weight_decay", "cl_weight", "reg_weight", "rcl_weight_power",
+                     "mclrec_lambda", "mclrec_beta", "mclrec_reg_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("kstat_percentile", "crop", "mask", "reorder"):
@@ -219,7 +265,11 @@ class TrainConfig:
                              f"histograms, got {self.kstat_bins}")
         if self.threshold == "soft" and self.simthres == "none":
             raise ValueError("threshold='soft' needs a simthres other than 'none'")
-        if self.method == "adaptiverec" and self.simthres != "none" and not self.normalize:
+        if self.method == "rcl" and self.simthres != "none" and self.rcl_weighting == "similarity":
+            raise ValueError("rcl_weighting='similarity' (Eq. 16) is no adaptive_info_nce loss, "
+                             "so a SimThres cannot act on it: use rcl_weighting 'row' or 'none', "
+                             "or simthres='none'")
+        if self.method in THRESHOLDED and self.simthres != "none" and not self.normalize:
             # k_stat is a percentile of cosines and g's output lies in (-1.05, 1.05): compared
             # with unbounded dot products it would be meaningless.
             raise ValueError("similarity='dot' cannot be thresholded: AdaptiveRec's SimThres is "
@@ -323,6 +373,7 @@ class Trainer:
         *,
         dataset: str = "synthetic",
         callback: Callable[[dict], None] | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         config.validate()
         if config.max_len != split.max_len:
@@ -333,6 +384,11 @@ class Trainer:
         self.dataset = dataset
         self.callback = callback
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # Derived data (RCL's weak positives) is cached in cache_dir, else in out_dir/cache,
+        # else (neither given) recomputed by every run.
+        if cache_dir is None and self.out_dir is not None:
+            cache_dir = self.out_dir / "cache"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = torch.device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
 
@@ -342,7 +398,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
         self.model = SASRec(
-            split.num_items, split.max_len, mask_token=config.method == "cl4srec",
+            split.num_items, split.max_len, mask_token=config.method in ("cl4srec", "mclrec"),
             hidden=config.hidden, layers=config.layers, heads=config.heads, inner=config.inner,
             dropout=config.dropout, attn_dropout=config.attn_dropout,
         ).to(self.device)
@@ -354,8 +410,10 @@ class Trainer:
             if config.compile else self.model
         )
         self.objective = self._build_objective().to(self.device)
+        # An objective with optimizers of its own (MCLRec's augmenters) names what remains.
+        objective_params = getattr(self.objective, "main_parameters", self.objective.parameters)
         self.optimizer = torch.optim.Adam(
-            [*self.model.parameters(), *self.objective.parameters()],
+            [*self.model.parameters(), *objective_params()],
             lr=config.lr, weight_decay=config.weight_decay,
             # One kernel for every parameter instead of several per parameter.
             fused=True if self.device.type in ("cuda", "cpu") else None,
@@ -400,19 +458,36 @@ class Trainer:
         if c.method == "duorec":
             return DuoRecObjective(c.contrast, c.cl_weight, c.temperature, c.normalize,
                                    c.loss_backend)
-        simthres: StatisticalSimThres | LearnableSimThres | None = None
-        if c.simthres == "statistical":
-            simthres = StatisticalSimThres()
-        elif c.simthres == "learnable":
-            simthres = LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width),
-                                         c.reg_weight, c.reg_squared)
-        elif c.simthres == "learnable-flat":
-            simthres = LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden),
-                                         c.reg_weight, c.reg_squared)
+        simthres = self._build_simthres()
+        if c.method in ("rcl", "mclrec"):
+            term = ContrastiveTerm(simthres, c.temperature, c.normalize, c.positive_weight,
+                                   c.denominator, c.weighting, c.threshold, c.threshold_scale,
+                                   c.loss_backend)
+            if c.method == "rcl":
+                weak = weak_positives(self.split, c.rcl_alpha, c.rcl_ngram, self.cache_dir)
+                return RCLObjective(weak, self.split.train_inputs,
+                                    self.split.same_target.size > 1, term, c.cl_weight,
+                                    c.rcl_weighting, c.rcl_weight_power)
+            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder)
+            return MCLRecObjective(c.hidden, augmenter, term, c.mclrec_lambda, c.mclrec_beta,
+                                   c.mclrec_reg_weight, c.mclrec_regularizer, c.mclrec_update,
+                                   c.lr, c.weight_decay)
         return AdaptiveRecObjective(
             simthres, c.contrast, c.cl_weight, c.temperature, c.normalize, c.positive_weight,
             c.denominator, c.weighting, c.threshold, c.threshold_scale, c.loss_backend,
         )
+
+    def _build_simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
+        c = self.config
+        if c.simthres == "statistical":
+            return StatisticalSimThres()
+        if c.simthres == "learnable":
+            return LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width), c.reg_weight,
+                                     c.reg_squared)
+        if c.simthres == "learnable-flat":
+            return LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden), c.reg_weight,
+                                     c.reg_squared)
+        return None
 
     @property
     def simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
@@ -516,7 +591,7 @@ class Trainer:
         if stop == 0:
             raise ValueError(f"drop_last with batch_size={c.batch_size} leaves no batch of the "
                              f"{n} training samples")
-        return list(order[:stop].split(c.batch_size))
+        return list(order[:stop].split(c.batch_size))[: c.max_batches]
 
     def _model_for(self, batch: Batch) -> torch.nn.Module:
         """``step_model`` for full batches; the plain module for an epoch's partial last batch,
@@ -524,9 +599,15 @@ class Trainer:
         return self.step_model if len(batch.inputs) == self.config.batch_size else self.model
 
     def _step(self, batch: Batch) -> ObjectiveOutput:
-        """One optimisation step on ``batch``, the encoder's passes through ``step_model``."""
+        """One optimisation step on ``batch``, the encoder's passes through ``step_model``; an
+        objective with its own update order (``train_step``: MCLRec) runs it, given that
+        model, the optimizer and the autocast context."""
+        model = self._model_for(batch)
+        custom = getattr(self.objective, "train_step", None)
+        if custom is not None:
+            return custom(model, batch, self.generator, self.optimizer, self._autocast)
         with self._autocast():
-            out = self.objective(self._model_for(batch), batch, self.generator)
+            out = self.objective(model, batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
@@ -547,7 +628,7 @@ class Trainer:
             positives = None
             if self.objective.needs_positives:
                 positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
-            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
+            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx)
             out = self._step(batch)
             logged = {"loss": out.loss.detach(), **out.parts}
             if out.k is not None:
@@ -677,13 +758,16 @@ def train(
     resume: bool = False,
     dataset: str = "synthetic",
     callback: Callable[[dict], None] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Train ``config.method`` on ``split`` and return the results dict.
 
     With ``out_dir`` a checkpoint is written atomically after every epoch; ``resume=True``
     continues from it. ``callback(row)`` sees each epoch's history row after its checkpoint.
+    ``cache_dir`` holds derived data (RCL's weak positives; default ``out_dir/cache``).
     """
-    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback)
+    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback,
+                      cache_dir=cache_dir)
     if resume:
         trainer.resume()
     return trainer.fit()

@@ -42,8 +42,8 @@ def test_plan_reads_the_methods_from_the_package():
     # The table first, seed by seed, so paired comparisons complete early.
     assert [r.name for r in plan[:6]] == ["sasrec-seed0", "duorec-seed0", "adaptiverec-seed0",
                                          "sasrec-seed1", "duorec-seed1", "adaptiverec-seed1"]
-    assert plan[9:] == [Run("beauty", m, s) for m in METHODS if m not in reproduce.PRIORITY
-                        for s in (0, 1, 2)]
+    assert plan[9:] == [Run("beauty", m, s) for s in (0, 1, 2) for m in METHODS
+                        if m not in reproduce.PRIORITY]
     assert make_plan("x", ["duorec"], [5]) == [Run("x", "duorec", 5)]
     for methods, seeds in ((["bert4rec"], [0]), (["sasrec", "sasrec"], [0]), (["sasrec"], []),
                            (["sasrec"], [0, 0]), (["sasrec"], [-1])):
