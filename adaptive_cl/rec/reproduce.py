@@ -159,6 +159,13 @@ def estimates(records: dict[tuple[str, int], dict], device_name: str) -> dict[st
             for m, (e, o) in per_method.items()}
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may run on (containers)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def auto_jobs(device: torch.device, records: dict[tuple[str, int], dict],
               device_name: str) -> tuple[int, str]:
     """How many runs share the device, and why."""
@@ -169,7 +176,7 @@ def auto_jobs(device: torch.device, records: dict[tuple[str, int], dict],
              if r.get("device_name") == device_name and r.get("peak_memory_mib")]
     per_run = (max(peaks) if peaks else DEFAULT_RUN_MIB) + CONTEXT_MIB
     by_memory = int(0.8 * free / 2**20 // per_run)
-    by_cpu = max((os.cpu_count() or 2) // 2, 1)
+    by_cpu = max(_usable_cpus() // 2, 1)
     jobs = max(1, min(MAX_AUTO_JOBS, by_memory, by_cpu))
     source = "the largest recorded peak" if peaks else "an unmeasured allowance"
     return jobs, (f"{jobs} at once: memory room for {by_memory} ({per_run:.0f} MiB a run from "
@@ -234,8 +241,8 @@ class Runner:
                 argv += ["--format", self.data_format]
         argv += ["--method", run.method, "--seed", str(run.seed), "--device", self.device,
                  "--out", str(self.layout.work_dir(run)), "--no-progress"]
-        if "--threads" not in self.train_args:
-            argv += ["--threads", str(max((os.cpu_count() or 1) // self.jobs, 1))]
+        if "--threads" not in self.train_args:  # the runs share the CPUs
+            argv += ["--threads", str(max(_usable_cpus() // self.jobs, 1))]
         return argv + list(self.train_args) + (["--resume"] if resume else [])
 
     def command(self, run: Run) -> str:
