@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends import BACKENDS
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
 from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
@@ -180,7 +181,7 @@ class TrainConfig:
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
                        threshold=("hard", "soft"), ties=TIES,
-                       loss_backend=("auto", "reference", "compiled", "triton"))
+                       loss_backend=BACKENDS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
