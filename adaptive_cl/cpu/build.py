@@ -2,9 +2,10 @@
 
 ``torch.utils.cpp_extension.load`` compiles on first use with ninja and caches the result in
 torch's extension directory (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``);
-later processes only load it. The extension's name carries a digest of every source file and
-the flags, so an edited header or an upgraded package never loads a stale binary, and the
-vector ISA (so a home directory shared by different machines keeps one build per ISA).
+later processes only load it. The extension's name carries a digest of every source file, the
+flags and the source location, so an edited header or an upgraded package never loads a stale
+binary, and the vector ISA (so a home directory shared by different machines keeps one build
+per ISA).
 
 Vector code: ATen's ``at::vec::Vectorized`` picks its width from ``CPU_CAPABILITY_*`` macros.
 On x86-64 the flags follow the capability torch itself dispatches to here
@@ -23,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -86,8 +88,23 @@ def _name(src: Path, isa: str, cflags: list[str], ldflags: list[str]) -> str:
     digest = hashlib.sha256()
     for file in (_MAIN, *_HEADERS):
         digest.update((src / file).read_bytes())
-    digest.update(" ".join([torch.__version__, *cflags, *ldflags]).encode())
+    # the source path too: torch rebuilds a name whose include paths changed, so a checkout and
+    # an installed copy sharing one name would rebuild each other's binary on every switch
+    digest.update(" ".join([str(src), torch.__version__, *cflags, *ldflags]).encode())
     return f"adaptive_cl_cpu_{isa}_{digest.hexdigest()[:12]}"
+
+
+def _ninja_on_path() -> None:
+    """The ``ninja`` wheel's binary when ninja is not on PATH (a venv used without activating)."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
 
 def _load():
@@ -96,6 +113,7 @@ def _load():
         raise FileNotFoundError("the C++ sources (csrc/) are not part of this installation")
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     isa, cflags, ldflags = _build_args()
     name = _name(src, isa, cflags, ldflags)
     log.info("adaptive_cl: loading the CPU extension %s (compiled on first use, then cached)", name)
