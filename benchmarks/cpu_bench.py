@@ -81,10 +81,12 @@ def _step(impl: str, inputs):
     return step
 
 
-def worker(impl: str, n: int, d: int, repeats: int) -> dict:
+def worker(impl: str, n: int, d: int, repeats: int, threads: int) -> dict:
     """One case, in this (fresh) process."""
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     from benchmarks.impls import make_inputs
 
     inputs = make_inputs(n, d, torch.float32, device="cpu")
@@ -145,9 +147,9 @@ def machine() -> dict:
                 threads=torch.get_num_threads(), python=platform.python_version())
 
 
-def run_case(impl: str, n: int, d: int, repeats: int) -> dict:
+def run_case(impl: str, n: int, d: int, repeats: int, threads: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(n), str(d), str(repeats)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(n), str(d), str(repeats), str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         return dict(impl=impl, N=n, D=d, dtype="float32", mode=MODE, error=res.stderr.strip()[-2000:])
@@ -178,7 +180,8 @@ def targets(records: list[dict]) -> dict:
 def summary_markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = [f"# CPU benchmark, {doc['date']}", "",
-             f"{m['cpu']} ({m['machine']}, {m['cores']} cores, {m['threads']} threads; torch {m['torch']}, "
+             f"{m['cpu']} ({m['machine']}, {m['cores']} cores, {doc['records'][0].get('threads', '?')} threads; "
+             f"torch {m['torch']}, "
              f"capability {m['torch_cpu_capability']}); N = 2B rows, D = {doc['D']}, float32, fwd+bwd.", "",
              f"Command: `{doc['command']}`", "",
              "| N | impl | median ms | min ms | CPU ms | peak extra MiB | load (1 min) |",
@@ -205,13 +208,14 @@ def main(argv=None) -> int:
     ap.add_argument("--D", type=int, default=64)
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each case (0: torch's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--check", metavar="JSON", help="print the targets of a recorded run and exit")
-    ap.add_argument("--worker", nargs=4, metavar=("IMPL", "N", "D", "REPEATS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=5, metavar=("IMPL", "N", "D", "REPEATS", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        impl, n, d, repeats = args.worker
-        print(json.dumps(worker(impl, int(n), int(d), int(repeats))))
+        impl, n, d, repeats, threads = args.worker
+        print(json.dumps(worker(impl, int(n), int(d), int(repeats), int(threads))))
         return 0
     if args.check:
         with open(args.check) as f:
@@ -226,7 +230,7 @@ def main(argv=None) -> int:
     records = []
     for n in args.N:
         for impl in args.impls:
-            r = run_case(impl, n, args.D, args.repeats)
+            r = run_case(impl, n, args.D, args.repeats, args.threads)
             records.append(r)
             shown = r.get("error", "").splitlines()[-1:] if "error" in r else \
                 f"{r['median_ms']:.2f} ms, peak +{r['peak_extra_mib']} MiB, load {r['loadavg_1min']}"
@@ -234,6 +238,8 @@ def main(argv=None) -> int:
     doc = dict(date=date, command=command, D=args.D, machine=machine(), records=records)
     doc["targets"] = targets(records)
     slug = re.sub(r"[^a-z0-9]+", "-", doc["machine"]["cpu"].lower()).strip("-")
+    if args.threads > 0:
+        slug += f"-{args.threads}t"
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"cpu-{slug}-{date}")
     with open(base + ".json", "w") as f:
