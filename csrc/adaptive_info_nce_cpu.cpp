@@ -194,7 +194,7 @@ void backward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Coefs<T>
           }
           const int64_t i = i0 + r;
           const RowIn<T> ri = row_in(in, i, j0, n, b, special, lmask.data());
-          const RowCoef<T> ci = row_coef(cf, i);
+          const CoefVec<T> ci = row_coefs(cf, i);
           Vec dkv = Vec::loadu(&dkl[r * C::V]);
           if (special)
             backward_row_tile<T, NORM, FIXED, KIND, true>(hrow, ri, ci, cf, j0, cs, wp, dkv);

@@ -224,81 +224,87 @@ inline T finish_row(const FwdRow<T>& acc, const Consts<T>& cs, T* stats_shift, T
 //   soft:       G = ut (q W E - kappa a) + u (a' (kappa (LSE - s) + lambda) - nu (a / beta) q W E)
 // where a' q W E / (1 - a) = (a / beta) q W E keeps the "negatives" term finite for any q.
 template <typename T>
-struct Coefs {
+struct Coefs {  // arrays over the n_pad rows
   const T *k, *u, *ut, *r, *kappa, *lambda, *logl, *shift;
 };
 
 template <typename T>
-struct RowCoef {
-  T k, u, ut, r, kappa, lambda, logl, shift;
+struct CoefVec {  // one row's coefficients broadcast, or a vector of column rows' loaded
+  Vectorized<T> k, u, ut, r, kappa, lambda, logl, shift;
 };
 
 template <typename T>
-inline RowCoef<T> row_coef(const Coefs<T>& cf, int64_t i) {
-  return {cf.k[i], cf.u[i], cf.ut[i], cf.r[i], cf.kappa[i], cf.lambda[i], cf.logl[i], cf.shift[i]};
+inline CoefVec<T> row_coefs(const Coefs<T>& cf, int64_t i) {
+  using Vec = Vectorized<T>;
+  return {Vec(cf.k[i]), Vec(cf.u[i]), Vec(cf.ut[i]), Vec(cf.r[i]), Vec(cf.kappa[i]), Vec(cf.lambda[i]),
+          Vec(cf.logl[i]), Vec(cf.shift[i])};
 }
 
+template <typename T, int KIND>
+inline CoefVec<T> column_coefs(const Coefs<T>& cf, int64_t j, const CoefVec<T>& row) {
+  using Vec = Vectorized<T>;
+  CoefVec<T> v = row;  // fields a kind never reads keep the row's values, unused
+  if constexpr (KIND != kNone) v.k = Vec::loadu(cf.k + j);
+  v.ut = Vec::loadu(cf.ut + j);
+  v.r = Vec::loadu(cf.r + j);
+  v.kappa = Vec::loadu(cf.kappa + j);
+  if constexpr (KIND == kSoft) {
+    v.u = Vec::loadu(cf.u + j);
+    v.lambda = Vec::loadu(cf.lambda + j);
+    v.logl = Vec::loadu(cf.logl + j);
+    v.shift = Vec::loadu(cf.shift + j);
+  }
+  return v;
+}
+
+// One row's G on a vector of entries; soft_part receives a' dl/da (its row sum is -dl/dk / u).
 template <typename T, bool FIXED, int KIND>
-inline Vectorized<T> grad_entry(const Vectorized<T>& c, const Vectorized<T>& s, const Vectorized<T>& ex,
-                                const Entry<T>& e, const Vectorized<T>& k_u, const Vectorized<T>& ut,
-                                const Vectorized<T>& r, const Vectorized<T>& kappa,
-                                const Vectorized<T>& lambda, const Vectorized<T>& logl,
-                                const Vectorized<T>& shift, const Consts<T>& cs, Vectorized<T>* soft_part) {
+inline Vectorized<T> grad_entry(const Vectorized<T>& s, const Vectorized<T>& ex, const Entry<T>& e,
+                                const CoefVec<T>& cf, const Consts<T>& cs, Vectorized<T>* soft_part) {
   using Vec = Vectorized<T>;
   Vec qwe;
   if constexpr (FIXED) {
-    qwe = e.q * ex * r;  // ex = exp(s - 1/tau), shared by both rows
+    qwe = e.q * ex * cf.r;  // ex = exp(s - 1/tau), shared by both rows
   } else {
-    qwe = (e.s_eff - r).exp();
+    qwe = (e.s_eff - cf.r).exp();  // s_eff <= LSE on the denominator: at most W
   }
-  Vec g = ut * (qwe - kappa * e.a);
+  Vec g = cf.ut * (qwe - cf.kappa * e.a);
   if constexpr (KIND == kSoft) {
-    Vec part = e.da * at::vec::fmadd(kappa, logl + (shift - s), lambda);
+    Vec part = e.da * at::vec::fmadd(cf.kappa, cf.logl + (cf.shift - s), cf.lambda);
     if (!cs.den_all) part = part - e.a * Vec(cs.inv_beta) * qwe;
-    g = at::vec::fmadd(k_u, part, g);
+    g = at::vec::fmadd(cf.u, part, g);
     *soft_part = part;
   }
-  (void)c;
   return g;
 }
 
+// Overwrites hrow (the row's raw similarities of this tile) with H_ij = G_ij + G_ji.
 template <typename T, bool NORM, bool FIXED, int KIND, bool SPECIAL>
-inline void backward_row_tile(T* hrow, const RowIn<T>& ri, const RowCoef<T>& ci, const Coefs<T>& cj,
+inline void backward_row_tile(T* hrow, const RowIn<T>& ri, const CoefVec<T>& ci, const Coefs<T>& cf,
                               int64_t j0, const Consts<T>& cs, T wp, Vectorized<T>& dk_acc) {
   using C = Tiling<T>;
   using Vec = Vectorized<T>;
-  const Vec zero(T(0)), one(T(1)), invtau(cs.invtau);
-  const Vec k_i(ci.k), u_i(ci.u), ut_i(ci.ut), r_i(ci.r), kappa_i(ci.kappa), lambda_i(ci.lambda),
-      logl_i(ci.logl), shift_i(ci.shift), vwp(wp);
+  const Vec zero(T(0)), one(T(1)), invtau(cs.invtau), vwp(wp);
   const MaskInt<T>* lab = ri.labels;
   Vec cand(T(0)), partner(T(0)), ex(T(0));
   for (int64_t jj = 0; jj < C::BN; jj += C::V) {
-    const int64_t j = j0 + jj;
     const Vec raw = Vec::loadu(hrow + jj);
     const Vec c = cosine(raw, NORM);
     const Vec s = c * invtau;
     if constexpr (FIXED) ex = (s - invtau).exp();
     const MaskInt<T>* lj = lab ? lab + jj : nullptr;
-    const Vec r_j = Vec::loadu(cj.r + j), ut_j = Vec::loadu(cj.ut + j);
-    const Entry<T> ei = entry_terms<T, KIND, !FIXED>(c, s, k_i, lj, cs);
-    const Entry<T> ej = entry_terms<T, KIND, !FIXED>(c, s, KIND == kNone ? k_i : Vec::loadu(cj.k + j), lj, cs);
+    const CoefVec<T> cj = column_coefs<T, KIND>(cf, j0 + jj, ci);
+    const Entry<T> ei = entry_terms<T, KIND, !FIXED>(c, s, ci.k, lj, cs);
+    const Entry<T> ej = entry_terms<T, KIND, !FIXED>(c, s, cj.k, lj, cs);
     Vec soft_i(T(0)), soft_j(T(0));
-    Vec u_j(T(0)), lambda_j(T(0)), logl_j(T(0)), shift_j(T(0));
-    if constexpr (KIND == kSoft) {
-      u_j = Vec::loadu(cj.u + j);
-      lambda_j = Vec::loadu(cj.lambda + j);
-      logl_j = Vec::loadu(cj.logl + j);
-      shift_j = Vec::loadu(cj.shift + j);
-    }
-    const Vec kappa_j = Vec::loadu(cj.kappa + j);
-    Vec h = grad_entry<T, FIXED, KIND>(c, s, ex, ei, u_i, ut_i, r_i, kappa_i, lambda_i, logl_i, shift_i, cs, &soft_i) +
-            grad_entry<T, FIXED, KIND>(c, s, ex, ej, u_j, ut_j, r_j, kappa_j, lambda_j, logl_j, shift_j, cs, &soft_j);
+    Vec h = grad_entry<T, FIXED, KIND>(s, ex, ei, ci, cs, &soft_i) +
+            grad_entry<T, FIXED, KIND>(s, ex, ej, cj, cs, &soft_j);
     if constexpr (SPECIAL) {
       special_masks(jj, ri, cand, partner);
       // the partner: q = 1, a = 0, weight wp in both rows' targets
-      const Vec we_i = FIXED ? ex * r_i : (s - r_i).exp();
-      const Vec we_j = FIXED ? ex * r_j : (s - r_j).exp();
-      const Vec hp = ut_i * (we_i - vwp) + ut_j * (we_j - vwp);
+      const Vec we_i = FIXED ? ex * ci.r : (s - ci.r).exp();
+      const Vec we_j = FIXED ? ex * cj.r : (s - cj.r).exp();
+      const Vec hp = ci.ut * (we_i - vwp) + cj.ut * (we_j - vwp);
       h = Vec::blendv(Vec::blendv(zero, h, cand), hp, partner);
       if constexpr (KIND == kSoft) soft_i = Vec::blendv(zero, soft_i, cand);
     }

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from adaptive_cl import adaptive_info_nce
+from adaptive_cl.contract import make_options
 
 from ._inputs import SOFT_SCALE, cpu, make_views, reference64, threshold
-from adaptive_cl.contract import make_options
 
 ROOT = Path(__file__).resolve().parents[2]
 
