@@ -23,14 +23,14 @@ row I's factors and G'_JI^T from the same tile with row J's factors loaded as co
 then accumulates G' Z^_J with a second ``tl.dot``. Each program writes only its own rows of
 dz / dz_aug: bitwise deterministic. The per-row factors are loaded, never recomputed per tile.
 
-Per element on interior tiles (FIXED_SHIFT): 2 FMUL + 2 FMNMX (c, as the forward), 1 FFMA +
+Per element on interior tiles (FIXED_SHIFT): 2 FMUL (c, as the forward), 1 FFMA +
 1 MUFU.EX2 (one exponential serves both rows: e_ij = exp2(t_ij - log2e/tau)), 2 FMUL (a_i e,
 a_j e), 1 FADD, the half-precision pack; with k 2 FSETP + 2 FSEL more (one of each with a
 scalar k). The online max (normalize=False or tau < 0.03) needs one exponential per row
 (no shift is safe for both) and 2 more FMUL for the upstream factors.
 
-The clamp of c to [-1, 1] only removes rounding excursions (|c| <= 1 in exact arithmetic), so
-its gradient is taken as 1 everywhere, the value torch's clamp has at the bounds.
+c is not clamped (see ``cosine``), so there is no clamp gradient mask: the reference's clamp has
+gradient 1 wherever |c| <= 1, which exact cosines always are.
 
 Wide D (BLOCK_D < D): the grid gets a second axis over BLOCK_D chunks of the output; each
 program recomputes the whole S tile (all chunks) and accumulates its chunk of dZ^. The
