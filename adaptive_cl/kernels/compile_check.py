@@ -81,18 +81,19 @@ OPTION_SETS = [
 
 
 def variant_set(name: str) -> list[Variant]:
-    """"ci": the default options of the main paths at D = 64 (and bf16 at 128); "default": every
-    path at D in {64, 128} plus the option sets at D = 64; "full": also D in {32, 256, 320}."""
+    """"ci": default options of bfloat16 D = 64 (the targets), float16 and float32 tf32 at
+    D = 128, the float32 default ("ieee") at D = 64, one option set (a couple of minutes on 2
+    cores); "default": every path at D in {64, 128} plus the option sets for bfloat16 D = 64;
+    "full": also D in {32, 256, 320} and the option sets for "ieee"."""
     main = [(torch.bfloat16, "native"), (torch.float16, "native"), (torch.float32, "tf32"),
             (torch.float32, "ieee"), (torch.float32, "3xtf32")]
     if name == "ci":
-        out = [Variant(dt, p, 64) for dt, p in main]
-        out.append(Variant(torch.bfloat16, "native", 128))
-        out += [Variant(torch.bfloat16, "native", 64, o, k) for o, k in OPTION_SETS[:2]]
-        return out
+        return [Variant(torch.bfloat16, "native", 64), Variant(torch.float16, "native", 128),
+                Variant(torch.float32, "tf32", 128), Variant(torch.float32, "ieee", 64),
+                Variant(torch.bfloat16, "native", 64, *OPTION_SETS[1])]
     ds = (64, 128) if name == "default" else (32, 64, 128, 256, 320)
     out = [Variant(dt, p, d) for dt, p in main for d in ds]
-    for dt, p in ((torch.bfloat16, "native"), (torch.float32, "ieee")):
+    for dt, p in ((torch.bfloat16, "native"),) + (((torch.float32, "ieee"),) if name == "full" else ()):
         out += [Variant(dt, p, 64, o, k) for o, k in OPTION_SETS]
     return out
 
@@ -152,6 +153,9 @@ def launches_for(v: Variant) -> list[Launch]:
 
 
 # ------------------------------------------------------------------------------ compiling
+_COMPILED: dict = {}  # one compile per distinct specialisation in a process
+
+
 def compile_launch(launch: Launch, arch: int = 90):
     """(CompiledKernel, ptxas log) for one recorded launch, compiled for sm_<arch>."""
     import triton
@@ -167,12 +171,18 @@ def compile_launch(launch: Launch, arch: int = 90):
     kwargs = dict(launch.kwargs, debug=False)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    key = (fn.fn.__name__, arch, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs.items())),
+           repr(sorted(options.__dict__.items())))
+    if key in _COMPILED:
+        return _COMPILED[key]
     src = ASTSource(fn, signature, constexprs, attrs)
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would come without its ptxas log
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         ck = triton.compile(src, target=target, options=options.__dict__)
-    return ck, buf.getvalue()
+    _COMPILED[key] = (ck, buf.getvalue())
+    return _COMPILED[key]
 
 
 _PTXAS = {"regs": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
@@ -316,6 +326,8 @@ def check_variant(v: Variant, arch: int = 90) -> list[dict]:
             rows.append(rec)
             continue
         rec.update(ok=True, compile_s=round(time.monotonic() - t0, 1), shared=ck.metadata.shared, **parse_ptxas(log))
+        if rec["regs"] is None:
+            rec.update(ok=False, error="no ptxas report (registers / spills) in the compile log")
         if role in ("fwd", "bwd"):
             path = interior_path(disassemble(ck.asm["cubin"]))
             if path:

@@ -17,7 +17,9 @@ times the candidates on a GPU and prints a replacement for ``TABLE`` to paste he
 
 K_CHUNK (None: all of D in one product, Zs_I held on chip) splits the S = Zs_I Zs_J^T product
 along D: the float32 "ieee" (FMA) path takes D in 16-wide pieces, which keeps its operands in
-registers without spilling; D wider than MAX_BLOCK_D is always chunked.
+registers without spilling; D wider than MAX_BLOCK_D is always chunked. D_CHUNK (None: all of
+D) splits the backward's output over a second grid axis, each program recomputing the S tile:
+more work, fewer registers (the float32 "3xtf32" backward at D >= 128).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     k_chunk: int | None = None  # None: block_d(D), all of D at once when it fits
+    d_chunk: int | None = None  # None: block_d(D); else the backward's output chunk (grid axis 1)
 
     def as_tuple(self) -> tuple:
-        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.k_chunk)
+        return (self.block_m, self.block_n, self.num_warps, self.num_stages, self.k_chunk, self.d_chunk)
 
 
 #: float32 paths: "ieee" (FMA, float32 products), "3xtf32" (three tf32 tensor-core passes,
@@ -56,35 +59,38 @@ TABLE: dict[tuple, LaunchConfig] = {
     (128, "float32", "ieee"): _C(64, 32, 4, 1, 16),
     (256, "float32", "ieee"): _C(32, 32, 4, 1, 16),
     ("wide", "float32", "ieee"): _C(32, 32, 4, 1, 16),
-    (16, "float32", "3xtf32"): _C(64, 64, 4, 2),
-    (32, "float32", "3xtf32"): _C(64, 64, 4, 2),
-    (64, "float32", "3xtf32"): _C(64, 64, 4, 2),
-    (128, "float32", "3xtf32"): _C(64, 32, 4, 2),
-    (256, "float32", "3xtf32"): _C(32, 32, 4, 1),
-    ("wide", "float32", "3xtf32"): _C(32, 32, 4, 1),
-    (16, "float32", "tf32"): _C(64, 64, 4, 2),
-    (32, "float32", "tf32"): _C(64, 64, 4, 2),
-    (64, "float32", "tf32"): _C(64, 64, 4, 2),
+    (16, "float32", "3xtf32"): _C(128, 64, 8, 2),
+    (32, "float32", "3xtf32"): _C(128, 64, 8, 2),
+    (64, "float32", "3xtf32"): _C(128, 64, 8, 2),
+    (128, "float32", "3xtf32"): _C(64, 32, 4, 2, None, 64),
+    (256, "float32", "3xtf32"): _C(64, 32, 4, 2, 64, 64),
+    ("wide", "float32", "3xtf32"): _C(64, 32, 4, 2, 64, 64),
+    (16, "float32", "tf32"): _C(128, 64, 8, 2),
+    (32, "float32", "tf32"): _C(128, 64, 8, 2),
+    (64, "float32", "tf32"): _C(128, 64, 8, 2),
     (128, "float32", "tf32"): _C(64, 32, 4, 2),
-    (256, "float32", "tf32"): _C(32, 32, 4, 1),
-    ("wide", "float32", "tf32"): _C(32, 32, 4, 1),
-    (16, "bfloat16", "native"): _C(64, 64, 4, 2),
-    (32, "bfloat16", "native"): _C(64, 64, 4, 2),
-    (64, "bfloat16", "native"): _C(64, 64, 4, 2),
-    (128, "bfloat16", "native"): _C(64, 64, 4, 2),
-    (256, "bfloat16", "native"): _C(32, 32, 4, 2),
-    ("wide", "bfloat16", "native"): _C(32, 32, 4, 2),
-    (16, "float16", "native"): _C(64, 64, 4, 2),
-    (32, "float16", "native"): _C(64, 64, 4, 2),
-    (64, "float16", "native"): _C(64, 64, 4, 2),
-    (128, "float16", "native"): _C(64, 64, 4, 2),
-    (256, "float16", "native"): _C(32, 32, 4, 2),
-    ("wide", "float16", "native"): _C(32, 32, 4, 2),
+    (256, "float32", "tf32"): _C(64, 32, 4, 2, None, 128),
+    ("wide", "float32", "tf32"): _C(64, 32, 4, 2, None, 128),
+    (16, "bfloat16", "native"): _C(128, 64, 8, 2),
+    (32, "bfloat16", "native"): _C(128, 64, 8, 2),
+    (64, "bfloat16", "native"): _C(128, 64, 8, 2),
+    (128, "bfloat16", "native"): _C(128, 64, 8, 2),
+    (256, "bfloat16", "native"): _C(64, 32, 4, 2),
+    ("wide", "bfloat16", "native"): _C(64, 32, 4, 2, None, 128),
+    (16, "float16", "native"): _C(128, 64, 8, 2),
+    (32, "float16", "native"): _C(128, 64, 8, 2),
+    (64, "float16", "native"): _C(128, 64, 8, 2),
+    (128, "float16", "native"): _C(128, 64, 8, 2),
+    (256, "float16", "native"): _C(64, 32, 4, 2),
+    ("wide", "float16", "native"): _C(64, 32, 4, 2, None, 128),
 }
 
-#: Tile shapes (BLOCK_M, BLOCK_N) under Triton's CPU interpreter (tests change it); the
-#: table's K_CHUNK still applies there, so the interpreter runs the GPU's code paths.
+#: Tile shapes (BLOCK_M, BLOCK_N) under Triton's CPU interpreter (tests change it).
 INTERPRET_BLOCKS = (16, 16)
+#: Whether the interpreter applies the table's K_CHUNK. Off by default: the chunked S product
+#: is the same code as wide D (tested with MAX_BLOCK_D lowered), and 16-wide pieces multiply
+#: the interpreter's per-operation cost; tests switch it on for the float32 "ieee" path.
+INTERPRET_K_CHUNK = False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -101,7 +107,8 @@ def lookup(d: int, dtype: torch.dtype, path: str, table: dict | None = None) -> 
     cfg = (TABLE if table is None else table)[(d_bucket(d), dtype_name(dtype), path)]
     if fwd.INTERPRET:
         m, n = INTERPRET_BLOCKS
-        cfg = LaunchConfig(m, n, 4, 1, cfg.k_chunk)
+        cfg = LaunchConfig(m, n, 4, 1, cfg.k_chunk if INTERPRET_K_CHUNK else None,
+                           cfg.d_chunk if INTERPRET_K_CHUNK else None)
     return cfg
 
 
@@ -120,7 +127,7 @@ class Shape:
 
 
 def shape_for(d: int, cfg: LaunchConfig) -> Shape:
-    bd = fwd.block_d(d)
+    bd = fwd.block_d(d) if cfg.d_chunk is None else min(fwd.block_d(d), cfg.d_chunk)
     kc = bd if cfg.k_chunk is None else min(cfg.k_chunk, bd)
     return Shape(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, bd, kc,
                  one_chunk=kc >= d, split_d=bd < d)

@@ -197,6 +197,29 @@ def test_forward_and_backward_share_one_configuration_independent_of_n():
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("reduction,den", [("none", "negatives"), ("mean", "all")])
+def test_fp32_ieee_k_split_as_on_the_gpu(monkeypatch, reduction, den):
+    """The float32 "highest" default ("ieee") with the table's K chunk (16-wide pieces of D, the
+    GPU's non-spilling path) against float64, D not a multiple of the chunk."""
+    if not fwd.INTERPRET:
+        pytest.skip("the GPU always uses the table's K chunk")
+    monkeypatch.setattr(launch, "INTERPRET_K_CHUNK", True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    monkeypatch.setenv("ADAPTIVE_CL_FP32_HIGHEST", "ieee")
+    try:
+        assert launch.lookup(37, torch.float32, "ieee").k_chunk == 16
+        z, za = make_views(19, 37, torch.float32, seed=8, device=DEVICE)
+        k, _ = pick_k(z.cpu(), za.cpu(), "N", True)
+        opts = dict(temperature=0.1, reduction=reduction, denominator=den)
+        got = _loss_and_grads(z, za, k, "triton", **opts)
+        want = _loss_and_grads(z.double(), za.double(), k.double(), "reference", **opts)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) <= 1e-5
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_no_autotuning_left():
     """Launches are plain JIT functions with a fixed configuration (no triton.autotune)."""
     for kernel, _ in _recorded(5, 7):

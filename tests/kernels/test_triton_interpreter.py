@@ -190,8 +190,8 @@ def test_large_logits_dot_products_online_max():
 
 @pytest.mark.parametrize("blocks", [(32, 16), (64, 32), (32, 64), (128, 64), (64, 128)])
 def test_interpreter_block_shapes(monkeypatch, blocks):
-    """Other tile shapes (those the GPU autotuner picks among, BLOCK_M != BLOCK_N, blocks wider
-    than N, N not a multiple of either) give the same numbers within float32 rounding: the
+    """Other tile shapes (those of the launch table and of autotune's candidates, BLOCK_M !=
+    BLOCK_N, blocks wider than N, N not a multiple of either) give the same numbers within float32 rounding: the
     special-tile logic (diagonal, partners, columns >= N) must hold for every combination."""
     monkeypatch.setattr(klaunch, "INTERPRET_BLOCKS", blocks)
     if blocks[0] == 64 and blocks[1] == 32:
