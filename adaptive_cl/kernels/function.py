@@ -17,6 +17,7 @@ GPU and prints a replacement table).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ class Prepared:
     shape: launch.Shape
     b: int
     d: int
+
+
+_PREPARED_TENSORS = ("zs", "zh", "inv", "jac", "big", "flag", "k_t")
 
 
 def prepare_rows(z, z_aug, k_rows, k_scalar, o, *, config: launch.LaunchConfig | None = None) -> Prepared:
@@ -200,8 +204,9 @@ class AdaptiveInfoNCEFunction(torch.autograd.Function):
         with _on_device(z):
             pr = prepare_rows(z, z_aug, k_rows, k_scalar, options)
             loss, cnt, rs, wx = forward_rows(pr, options)
-        ctx.save_for_backward(cnt, rs, wx)
-        ctx.prepared = pr
+        # Tensors through save_for_backward (freed after backward unless the graph is retained).
+        ctx.save_for_backward(cnt, rs, wx, *(getattr(pr, f) for f in _PREPARED_TENSORS))
+        ctx.prepared = dataclasses.replace(pr, **{f: None for f in _PREPARED_TENSORS})
         ctx.options = options
         ctx.k_shape = None if k_rows is None else (k_rows.shape, k_rows.dtype)
         if options.reduction == "mean":
@@ -213,8 +218,8 @@ class AdaptiveInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        cnt, rs, wx = ctx.saved_tensors
-        pr = ctx.prepared
+        cnt, rs, wx, *tensors = ctx.saved_tensors
+        pr = dataclasses.replace(ctx.prepared, **dict(zip(_PREPARED_TENSORS, tensors)))
         dz = dza = dk = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             with _on_device(pr.zs):
@@ -224,5 +229,4 @@ class AdaptiveInfoNCEFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             shape, dtype = ctx.k_shape
             dk = torch.zeros(shape, dtype=dtype, device=pr.zs.device)
-        ctx.prepared = None
         return dz, dza, dk, None, None

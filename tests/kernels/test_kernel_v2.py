@@ -224,3 +224,15 @@ def test_no_autotuning_left():
     """Launches are plain JIT functions with a fixed configuration (no triton.autotune)."""
     for kernel, _ in _recorded(5, 7):
         assert not isinstance(kernel, triton.runtime.Autotuner)
+
+
+def test_backward_twice_with_a_retained_graph():
+    """The prepared rows are saved through save_for_backward: a retained graph can run the
+    backward again (same gradient), and nothing is kept on ctx beyond metadata."""
+    z, za = make_views(5, 7, torch.float32, seed=9, device=DEVICE)
+    zt = z.requires_grad_()
+    loss = adaptive_info_nce(zt, za, 0.3, backend="triton")
+    loss.backward(retain_graph=True)
+    first = zt.grad.clone()
+    loss.backward()
+    assert torch.equal(zt.grad, 2 * first)
