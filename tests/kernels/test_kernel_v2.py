@@ -236,3 +236,49 @@ def test_backward_twice_with_a_retained_graph():
     first = zt.grad.clone()
     loss.backward()
     assert torch.equal(zt.grad, 2 * first)
+
+
+_SAME_BITS_SCRIPT = """
+import hashlib, os, sys, torch
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # as tests/conftest.py does
+    sys.path.insert(0, sys.argv[2])
+    from _triton_compat import patch_interpreter_index
+    patch_interpreter_index()
+from adaptive_cl import adaptive_info_nce
+g = torch.Generator().manual_seed(11)
+z = torch.randn(21, 19, generator=g).to(sys.argv[1])
+za = (z + 0.7 * torch.randn(21, 19, generator=g)).to(sys.argv[1])
+zt = z.clone().requires_grad_()
+loss = adaptive_info_nce(zt, za, 0.25, temperature=0.2, backend="triton", reduction="none")
+loss.backward(torch.linspace(-1, 1, 42).to(sys.argv[1]))
+h = hashlib.sha256()
+for t in (loss, zt.grad):
+    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_same_bits_in_another_process(monkeypatch):
+    """Nothing is tuned or cached per process: a fresh interpreter computes the same loss and
+    gradient bits as this one (the launch table depends only on D, dtype and the float32 path)."""
+    import contextlib
+    import io
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = _SAME_BITS_SCRIPT
+    if DEVICE == "cuda":
+        script = script.replace(".to(sys.argv[1])", ".to(sys.argv[1]).cuda()")
+    tests_dir = os.path.join(root, "tests")
+    monkeypatch.setattr(sys, "argv", ["-c", "float32", tests_dir])
+    here = io.StringIO()
+    with contextlib.redirect_stdout(here):
+        exec(compile(script, "<same-bits>", "exec"), {})
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    other = subprocess.run([sys.executable, "-c", script, "float32", tests_dir], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert len(here.getvalue().strip()) == 64
+    assert other.stdout.strip() == here.getvalue().strip()
