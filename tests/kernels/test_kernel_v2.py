@@ -246,11 +246,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # as tests/conftes
     patch_interpreter_index()
 from adaptive_cl import adaptive_info_nce
 g = torch.Generator().manual_seed(11)
-z = torch.randn(21, 19, generator=g).to(sys.argv[1])
-za = (z + 0.7 * torch.randn(21, 19, generator=g)).to(sys.argv[1])
+dt = getattr(torch, sys.argv[1])
+z = torch.randn(21, 19, generator=g).to(dt)
+za = (z + 0.7 * torch.randn(21, 19, generator=g)).to(dt)
 zt = z.clone().requires_grad_()
 loss = adaptive_info_nce(zt, za, 0.25, temperature=0.2, backend="triton", reduction="none")
-loss.backward(torch.linspace(-1, 1, 42).to(sys.argv[1]))
+loss.backward(torch.linspace(-1, 1, 42).to(loss.device))
 h = hashlib.sha256()
 for t in (loss, zt.grad):
     h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -270,7 +271,7 @@ def test_same_bits_in_another_process(monkeypatch):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = _SAME_BITS_SCRIPT
     if DEVICE == "cuda":
-        script = script.replace(".to(sys.argv[1])", ".to(sys.argv[1]).cuda()")
+        script = script.replace(".to(dt)", ".to(dt).cuda()")
     tests_dir = os.path.join(root, "tests")
     monkeypatch.setattr(sys, "argv", ["-c", "float32", tests_dir])
     here = io.StringIO()
