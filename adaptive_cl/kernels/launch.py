@@ -7,13 +7,16 @@ are the forward's, bit for bit, and the same inputs give the same bits in any pr
 is timed at run time, unlike ``triton.autotune``). FlashAttention chooses its tiles the same way.
 
 How the entries were chosen: no GPU was available when this table was written, so every entry
-comes from compiling both kernels for sm_90 (H100/H200) on a CPU with the triton of the GPU
-machine (3.6) and of CI (3.9) (``python -m adaptive_cl.kernels.compile_check``): among the
-candidate shapes, the one with no register spill in either kernel, shared memory within the
-227 KB of an sm_90 block, and the fewest instructions per similarity element on the interior
-path of the backward (the pass that dominates), preferring larger tiles (fewer reloads of Z_J)
-at equal counts. These are compile facts, not timings. ``python -m adaptive_cl.kernels.autotune``
-times the candidates on a GPU and prints a replacement for ``TABLE`` to paste here.
+comes from compiling both kernels for sm_90 (H100/H200) on a CPU
+(``python -m adaptive_cl.kernels.compile_check``; candidates with triton 3.9, CI's, and the CI
+subset again with 3.6, the GPU machine's): among the candidate shapes, the one with no register
+spill in either kernel, shared memory within the 227 KB of an sm_90 block, and the fewest
+instructions per similarity element on the interior path of the backward (the pass that
+dominates), preferring larger tiles (fewer reloads of Z_J) at equal counts. Every entry compiles
+without a register spill (at D >= 256 the float32 tensor-core paths need smaller tiles or a split
+backward output for that, at a cost in instructions per element). These are compile facts, not
+timings: ``python -m adaptive_cl.kernels.autotune`` times the candidates on a GPU and prints a
+replacement for ``TABLE`` to paste here.
 
 K_CHUNK (None: all of D in one product, Zs_I held on chip) splits the S = Zs_I Zs_J^T product
 along D: the float32 "ieee" (FMA) path takes D in 16-wide pieces, which keeps its operands in
@@ -69,8 +72,8 @@ TABLE: dict[tuple, LaunchConfig] = {
     (32, "float32", "tf32"): _C(128, 64, 8, 2),
     (64, "float32", "tf32"): _C(128, 64, 8, 2),
     (128, "float32", "tf32"): _C(64, 32, 4, 2),
-    (256, "float32", "tf32"): _C(64, 32, 4, 2, None, 128),
-    ("wide", "float32", "tf32"): _C(64, 32, 4, 2, None, 128),
+    (256, "float32", "tf32"): _C(32, 32, 4, 1, None, 128),
+    ("wide", "float32", "tf32"): _C(32, 32, 4, 1, None, 128),
     (16, "bfloat16", "native"): _C(128, 64, 8, 2),
     (32, "bfloat16", "native"): _C(128, 64, 8, 2),
     (64, "bfloat16", "native"): _C(128, 64, 8, 2),
