@@ -109,7 +109,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT") or None,
                     help="folder to copy results, logs and junit into (default: $OUT when set)")
     ap.add_argument("--total-s", type=float, default=420.0, help="wall-clock budget of the whole check (default 420)")
-    ap.add_argument("--pytest-timeout", type=float, default=150.0, help="limit of the CUDA tests (default 150 s)")
+    ap.add_argument("--pytest-timeout", type=float, default=180.0, help="limit of the CUDA tests (default 180 s)")
     ap.add_argument("--reserve-s", type=float, default=75.0,
                     help="kept back from the benchmark's budget for its last measurement, plots, the check (default 75)")
     ap.add_argument("--quick", action="store_true", help="benchmark only the target shapes (run.py --quick)")
