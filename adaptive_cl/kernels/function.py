@@ -188,6 +188,24 @@ def backward_rows(pr: Prepared, o, cnt, rs, wx, grad, row_start: int = 0, row_st
     return dz
 
 
+def forward_stats(z, z_aug, k_rows, k_scalar, o):
+    """(row losses (N,), per-row statistics (3, N)), both float32, for a caller that may keep
+    only tensors between the passes (a torch.library custom op): the backward recomputes the
+    O(N D) row preparation instead of saving it. Rows [m_i, rs_i, wx_i]."""
+    pr = prepare_rows(z, z_aug, k_rows, k_scalar, o)
+    loss, cnt, rs, wx = forward_rows(pr, o)
+    return loss, torch.stack([cnt, rs, wx])
+
+
+def backward_from_stats(z, z_aug, k_rows, k_scalar, o, stats, grad):
+    """(dz, dz_aug) from forward_stats' statistics; two separate tensors (no aliasing: the z
+    rows and the z_aug rows are computed as two row ranges)."""
+    pr = prepare_rows(z, z_aug, k_rows, k_scalar, o)
+    b = z.shape[0]
+    cnt, rs, wx = stats[0].contiguous(), stats[1].contiguous(), stats[2].contiguous()
+    return (backward_rows(pr, o, cnt, rs, wx, grad, 0, b), backward_rows(pr, o, cnt, rs, wx, grad, b, 2 * b))
+
+
 def _on_device(t):
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -155,6 +155,27 @@ def test_row_ranges_match_the_full_call():
         kfunc.forward_rows(pr, o, 3, 27)
 
 
+def test_tensor_only_entry_points_match_the_autograd_function():
+    """forward_stats / backward_from_stats (what a torch.library op can call: tensors in,
+    tensors out, the row preparation recomputed in the backward) give the autograd Function's
+    loss bits and its gradients (to rounding: the two row ranges tile rows differently), and
+    dz / dz_aug do not share storage."""
+    z, za = make_views(13, 20, torch.float32, seed=10, device=DEVICE)
+    k, _ = pick_k(z.cpu(), za.cpu(), "B", True)
+    k = torch.cat([k, k]).to(DEVICE)
+    o = make_options(temperature=0.2, reduction="none")
+    u = torch.linspace(-1.0, 1.0, 26, device=DEVICE)
+    zt, zat = z.clone().requires_grad_(), za.clone().requires_grad_()
+    loss = kfunc.AdaptiveInfoNCEFunction.apply(zt, zat, k, None, o)
+    loss.backward(u)
+    rows, stats = kfunc.forward_stats(z, za, k, None, o)
+    dz, dza = kfunc.backward_from_stats(z, za, k, None, o, stats, u)
+    assert stats.shape == (3, 26) and torch.equal(rows, loss.detach())
+    torch.testing.assert_close(dz, zt.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dza, zat.grad, rtol=1e-5, atol=1e-7)
+    assert dz.untyped_storage().data_ptr() != dza.untyped_storage().data_ptr()
+
+
 # ------------------------------------------------------------------------- launch table
 def test_table_covers_every_bucket_and_path():
     for bucket in launch.D_BUCKETS:
