@@ -46,6 +46,7 @@ def unsupported_reason(p: Prepared) -> str | None:
 
 
 def adaptive_info_nce_triton(p: Prepared) -> torch.Tensor:
-    """The reduced loss (float32) of SPEC.md via the fused kernels; gradients to z, z_aug, k."""
+    """The reduced loss (float32) via the fused kernels (adaptive_cl.reference is its readable
+    specification); gradients to z, z_aug, k."""
     k_rows = None if p.k_scalar is not None else p.k_rows
     return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options)

@@ -1,7 +1,7 @@
 """Backward Triton kernels of the fused AdaptiveRec InfoNCE: one small per-row launch, then one
 tile launch with no atomics.
 
-S = Z^ Z^T / tau is symmetric, so (KERNEL-NOTES §1)
+S = Z^ Z^T / tau is symmetric, so
 
     dL/dz^_i = (1/tau) sum_j (G_ij + G_ji) z^_j,   G_ij = u_i (W_i P_ij [j in Den(i)] - w_ij)
 

@@ -1,5 +1,5 @@
-"""Forward Triton kernel of the fused AdaptiveRec InfoNCE (SPEC.md), and the tile helpers it
-shares with the backward.
+"""Forward Triton kernel of the fused AdaptiveRec InfoNCE (adaptive_cl.reference is the readable
+specification), and the tile helpers it shares with the backward.
 
 Launches: ``row_stats._row_stats_kernel`` (one pass over Z: scaled rows, inverse norms, the
 all-finite flag), then ``_fwd_kernel``; the reduction (mean/sum) is one torch op.
@@ -12,7 +12,7 @@ K_CHUNK < D, in a fixed order) and, per element:
 
 - c = dot * (inv_i * inv_j) (inv_i * inv_j first, so c_ij and c_ji are the same bits: the
   backward re-evaluates row j's decisions on program I's c_ij); not clamped (see ``cosine``);
-- extra positive: c > k_i (a NaN k_i: no extra positives, as SPEC's comparison says);
+- extra positive: c > k_i (a NaN k_i: no extra positives, as the comparison c > k gives);
 - FIXED_SHIFT (normalize and tau >= 0.03): e = exp2((c - 1) log2(e)/tau); |c| <= 1 makes 1/tau
   a valid log-sum-exp shift, so no running max and no rescale; otherwise the online max.
 
@@ -147,7 +147,7 @@ def special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def cosine(acc, inv_i, inv_j, NORMALIZE: tl.constexpr):
     """c = dot * (inv_i * inv_j) (inv_i * inv_j first: c_ij and c_ji are the same bits).
 
-    Not clamped to [-1, 1]: in exact arithmetic |c| <= 1 and SPEC's clamp is a no-op; the
+    Not clamped to [-1, 1]: in exact arithmetic |c| <= 1 and the reference's clamp is a no-op; the
     computed c exceeds 1 only by rounding (a few ulp), well inside the float32 tolerance, and
     nothing downstream needs the bound (e = exp2((c - 1) log2e/tau) stays <= 1 + 1e-6). This
     saves two instructions per element in each pass."""

@@ -14,7 +14,7 @@ concatenated input copy) and writes, for every row r of Z:
   ``big[r]`` = 1.0 where |z_r| >= eps (the Jacobian's radial term applies), else 0.0.
 - ``flag`` (one int32, zeroed before the launch): set to 1 when any element of z or z_aug is
   NaN or +-inf. The forward turns every row loss into NaN and the backward every gradient
-  element, without a host synchronisation (SPEC / contract: never a plausible finite loss).
+  element, without a host synchronisation (the contract: never a plausible finite loss).
   An atomic max of 0/1 values: the result does not depend on the order, so it is deterministic.
 
 |z_r| is computed as 2^e_r |zs_r| from the scaled row (sum of squares in float32 of values in
