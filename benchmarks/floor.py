@@ -4,7 +4,7 @@
     python benchmarks/floor.py            # markdown tables for the benchmark grid
     python benchmarks/floor.py --N 32768 --D 64
 
-Work of the fused kernel (KERNEL-NOTES.md §1-2), per call on N = 2B rows of width D:
+Work of the fused kernel (see the kernels' module docstrings), per call on N = 2B rows of width D:
 - exponentials: forward N^2 (one per logit), backward N^2 (the fixed shift 1/tau makes one
   exponential per tile element serve both G_IJ and G_JI^T);
 - matmul FLOPs: forward one N x N x D product (S = Z Z^T), backward two (recompute S, then
@@ -77,6 +77,18 @@ def serial_ms(n: int, d: int, mode: str = "fwd+bwd") -> dict:
     t = times_ms(n, d, mode, elem_bytes=4)
     rest = t["exp"] + t["alu_est"]
     return {"bf16": rest + t["mm_bf16"], "fp32_tf32x3": rest + t["mm_tf32x3"], "fp32_ieee": rest + t["mm_fp32_ieee"]}
+
+
+#: Instruction issue: 4 schedulers per SM, one warp instruction per clock each (H100 SXM,
+#: 132 SMs at ~1.83 GHz): thread instructions per second when every lane is busy.
+ISSUE_THREAD_INSTR_PER_S = 4 * 132 * 1.83e9 * 32
+
+
+def issue_ms(n: int, instr_per_elem: float) -> float:
+    """Time to issue ``instr_per_elem`` thread instructions per similarity element (the SASS
+    count on a kernel's interior path, from adaptive_cl.kernels.compile_check) over N^2
+    elements: the bound of an issue-limited pass (an estimate: no stalls, full occupancy)."""
+    return n * n * instr_per_elem / ISSUE_THREAD_INSTR_PER_S * 1e3
 
 
 def sdpa_floor_ms(n: int, d: int, mode: str = "fwd+bwd") -> float:
