@@ -17,8 +17,8 @@ once); **Inductor kernels**: the fused kernels of compiled graphs (``cpp_fused_*
 whose counterparts on CUDA are Triton kernels); **host syncs**: calls that on CUDA wait for
 the device (:mod:`adaptive_cl.rec.hostsync`, loaded from this checkout). Views and ``detach``
 are counted as aten ops although they launch nothing, the same before and after. The
-contrastive loss runs on the CPU backend, the PyTorch reference (about 60 ops forward and
-backward, and one boolean-mask index: 2 of the host syncs); on CUDA the fused Triton kernel
+contrastive loss runs on ``--loss-backend`` (default: the PyTorch reference, about 60 ops forward
+and backward, and one boolean-mask index: 2 of the host syncs); on CUDA the fused Triton kernel
 replaces it with a handful of launches and no sync (tests/rec/test_train_step.py checks that
 under Triton's interpreter).
 """
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--steps", type=int, default=2, help="k: epochs of k and k + 1 steps")
+    ap.add_argument("--loss-backend", default="reference",
+                    help="the contrastive loss's backend (default: the PyTorch reference, as "
+                         "in NOTES.md's table; 'auto' picks the C++ extension on a CPU)")
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.code) if args.code else ROOT)
 
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
         extra = {"compile": True} if args.compile else {}
         config = train_module.TrainConfig.from_preset(
             "default", method=method, max_len=args.max_len, batch_size=b, epochs=1,
-            progress=False, **extra)
+            progress=False, loss_backend=args.loss_backend, **extra)
         trainer = train_module.Trainer(config, split)
         start = time.perf_counter()
         # Dynamo gives up on code run under a dispatch mode: host syncs are counted eagerly
