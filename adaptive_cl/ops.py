@@ -1,0 +1,246 @@
+"""The loss as a ``torch.library`` custom op, so ``torch.compile(..., fullgraph=True)`` keeps it
+in the graph (no graph break) on every backend.
+
+Two ops, with these schemas (stable: a change gets a new overload name)::
+
+    adaptive_cl::info_nce(Tensor z, Tensor z_aug, Tensor? k, float? k_value, Tensor? labels,
+        float temperature, bool normalize, str denominator, str weighting,
+        float positive_weight, str threshold, float threshold_scale, str reduction,
+        str backend) -> (Tensor loss, Tensor row_stats)
+
+    adaptive_cl::info_nce_backward(Tensor grad, Tensor z, Tensor z_aug, Tensor? k,
+        float? k_value, Tensor? labels, Tensor row_stats, <the same options>, str backend)
+        -> (Tensor dz, Tensor dz_aug, Tensor dk)
+
+Arguments are those of :func:`adaptive_cl.adaptive_info_nce`, validated the same way, with the
+threshold split in two: ``k`` a tensor (0-d, (B,) or (N,)) or ``k_value`` a float (not both).
+``loss`` is what ``adaptive_info_nce`` returns. ``row_stats`` is a float32 ``(S, N)`` tensor of
+per-row statistics that the backend's backward consumes (S = 0 for backends that recompute);
+it is private to the backend: read only ``loss``. ``dk`` has ``k``'s shape, or shape (0,) when
+``k`` is None. ``backend`` is a name of ``adaptive_cl.backends.BACKENDS``; "auto" resolves
+inside the op by the same metadata-only rule as in eager mode.
+
+``info_nce`` has a fake (meta) implementation and a registered autograd formula that calls
+``info_nce_backward``, so torch.compile traces both directions without running a kernel. The
+ops are opaque to Inductor: the fused kernel is already one launch per direction, so nothing
+is lost by not fusing into it. (``triton_op``/``wrap_triton`` would let Inductor see the
+launches, but they need the launch code in kernels/ wrapped, and they give no benefit here.)
+
+How each backend runs inside the op:
+
+- the Triton kernel (``backend="triton"``, or "auto" on CUDA): the forward kernel returns its
+  per-row statistics (base-2 LSE, |A(i)|, inverse norms) as ``row_stats``; the backward kernel
+  reads them. Same launches as eager mode, nothing recomputed.
+- every other backend (the reference, its ``torch.compile`` form, backends added later): the
+  forward runs without autograd; the backward re-runs it under ``torch.func.vjp``. (Plain
+  autograd cannot record inside an op implementation: the dispatcher has already stepped
+  below the autograd keys.) So these pay one extra forward, and are differentiable once.
+
+:func:`adaptive_cl.adaptive_info_nce` calls the op whenever it is being compiled; in eager mode
+it calls the backend directly (the reference then keeps double-backward support). On a torch
+without ``torch.library.custom_op`` (older than 2.4, below the supported range) nothing is
+registered, ``AVAILABLE`` is False and the loss runs unregistered (torch.compile graph-breaks).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import backends
+from .contract import LossOptions, Prepared, make_options, prepare
+
+#: Whether this torch can register the ops (``torch.library.custom_op``, torch >= 2.4).
+AVAILABLE = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+
+_OPTIONS = ("float temperature, bool normalize, str denominator, str weighting, "
+            "float positive_weight, str threshold, float threshold_scale, str reduction")
+FORWARD_SCHEMA = (f"(Tensor z, Tensor z_aug, Tensor? k, float? k_value, Tensor? labels, {_OPTIONS}, "
+                  "str backend) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = (f"(Tensor grad, Tensor z, Tensor z_aug, Tensor? k, float? k_value, Tensor? labels, "
+                   f"Tensor row_stats, {_OPTIONS}, str backend) -> (Tensor, Tensor, Tensor)")
+
+
+def _options(temperature, normalize, denominator, weighting, positive_weight, threshold,
+             threshold_scale, reduction) -> LossOptions:
+    return make_options(temperature=temperature, normalize=normalize, denominator=denominator,
+                        weighting=weighting, positive_weight=positive_weight, threshold=threshold,
+                        threshold_scale=threshold_scale, reduction=reduction)
+
+
+def _prepare(z, z_aug, k, k_value, labels, options) -> Prepared:
+    if k is not None and k_value is not None:
+        raise ValueError("give the threshold as k (a tensor) or k_value (a float), not both")
+    return prepare(z, z_aug, k_value if k is None else k, labels, options)
+
+
+def _loss_like(p: Prepared) -> torch.Tensor:
+    n = 2 * p.batch
+    shape = (n,) if p.options.reduction == "none" else ()
+    return p.z.new_empty(shape, dtype=p.compute_dtype)
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+# ------------------------------------------------------------------------ per-backend adapters
+class _Recompute:
+    """Any backend ``Prepared -> loss`` that autograd can differentiate: forward without autograd,
+    backward by ``torch.func.vjp`` of a second forward."""
+
+    @staticmethod
+    def stats_rows(p: Prepared) -> int:
+        return 0
+
+    @staticmethod
+    def forward(fn, p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            loss = fn(p)
+        return loss, p.z.new_empty((0, 2 * p.batch), dtype=torch.float32)
+
+    @staticmethod
+    def backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
+        def loss_of(z_, z_aug_, *k_):
+            return fn(_prepare(z_, z_aug_, k_[0] if k_ else None, k_value, labels, options))
+
+        primals = (z, z_aug) if k is None else (z, z_aug, k)
+        _, vjp = torch.func.vjp(loss_of, *primals)
+        grads = vjp(grad.to(_loss_dtype(z)))
+        # dz and dz_aug come back as two views of torch.cat's gradient; an op's outputs must not alias.
+        dk = grads[2].clone() if k is not None else z.new_empty((0,))
+        return grads[0].clone(), grads[1].clone(), dk
+
+
+def _loss_dtype(z: torch.Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+class _Triton:
+    """The fused kernels: the forward's per-row statistics travel as ``row_stats`` rows
+    [lse2, count(, inverse-norm stats as two rows of N when normalize)].
+
+    This is the one place that knows the kernels' launch helpers (``forward_rows`` and
+    ``backward_rows`` of kernels/function.py); their launch constants are kept per (options,
+    dtype, D, threshold mode, dot precision) from the forward, so the backward launches exactly
+    the forward's specialisation."""
+
+    _consts: dict = {}
+
+    @staticmethod
+    def stats_rows(p: Prepared) -> int:
+        return 4 if p.options.normalize else 2
+
+    @staticmethod
+    def _key(z, k_rows, k_scalar, options):
+        from .kernels import function as f
+
+        kmode = f._kmode(k_rows, k_scalar)
+        return (options, z.dtype, z.shape[1], kmode, f.dot_precision(z.dtype),
+                os.environ.get("ADAPTIVE_CL_FP32_HIGHEST"))
+
+    @classmethod
+    def forward(cls, fn, p: Prepared):
+        from .kernels import function as f
+
+        k_rows = None if p.k_scalar is not None else p.k_rows
+        with f._on_device(p.z):
+            loss, lse2, cnt, stats, _k_t, consts = f.forward_rows(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
+        cls._consts[cls._key(p.z, k_rows, p.k_scalar, p.options)] = consts
+        rows = [lse2, cnt] + ([stats[: lse2.numel()], stats[lse2.numel():]] if p.options.normalize else [])
+        return _reduce(loss, p.options.reduction), torch.stack(rows)
+
+    @classmethod
+    def backward(cls, fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
+        from .kernels import function as f
+
+        p = _prepare(z, z_aug, k, k_value, labels, options)
+        k_rows = None if p.k_scalar is not None else p.k_rows
+        consts = cls._consts.get(cls._key(z, k_rows, p.k_scalar, options))
+        if consts is None:
+            raise RuntimeError(
+                "adaptive_cl::info_nce_backward (triton) found no forward with these options, dtype "
+                "and float32 matmul precision: was the precision changed between forward and backward?")
+        lse2, cnt = row_stats[0], row_stats[1]
+        stats = row_stats[2:].reshape(-1) if options.normalize else lse2
+        k_t = lse2 if k_rows is None else k_rows.float().contiguous()
+        with f._on_device(z):
+            dz, dza = f.backward_rows(z, z_aug, k_t, p.k_scalar, stats, lse2, cnt, consts, options, grad)
+        dk = z.new_empty((0,)) if k is None else torch.zeros_like(k)
+        return dz, dza, dk
+
+
+def _adapter(fn):
+    """The op adapter of a resolved backend function: split forward/backward for the fused
+    kernels, recompute-by-vjp for everything else."""
+    try:
+        from .kernels import adaptive_info_nce_triton
+    except ImportError:
+        return _Recompute
+    return _Triton if fn is adaptive_info_nce_triton else _Recompute
+
+
+# --------------------------------------------------------------------------------- registration
+if AVAILABLE:
+
+    @torch.library.custom_op("adaptive_cl::info_nce", mutates_args=(), schema=FORWARD_SCHEMA)
+    def info_nce_op(z, z_aug, k, k_value, labels, temperature, normalize, denominator, weighting,
+                    positive_weight, threshold, threshold_scale, reduction, backend):
+        options = _options(temperature, normalize, denominator, weighting, positive_weight,
+                           threshold, threshold_scale, reduction)
+        p = _prepare(z, z_aug, k, k_value, labels, options)
+        fn = backends.resolve(backend, p)
+        return _adapter(fn).forward(fn, p)
+
+    @info_nce_op.register_fake
+    def _info_nce_fake(z, z_aug, k, k_value, labels, temperature, normalize, denominator, weighting,
+                       positive_weight, threshold, threshold_scale, reduction, backend):
+        options = _options(temperature, normalize, denominator, weighting, positive_weight,
+                           threshold, threshold_scale, reduction)
+        p = _prepare(z, z_aug, k, k_value, labels, options)
+        rows = _adapter(backends.resolve(backend, p)).stats_rows(p)
+        return _loss_like(p), z.new_empty((rows, 2 * p.batch), dtype=torch.float32)
+
+    @torch.library.custom_op("adaptive_cl::info_nce_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+    def info_nce_backward_op(grad, z, z_aug, k, k_value, labels, row_stats, temperature, normalize,
+                             denominator, weighting, positive_weight, threshold, threshold_scale,
+                             reduction, backend):
+        options = _options(temperature, normalize, denominator, weighting, positive_weight,
+                           threshold, threshold_scale, reduction)
+        p = _prepare(z, z_aug, k, k_value, labels, options)
+        fn = backends.resolve(backend, p)
+        return _adapter(fn).backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad)
+
+    @info_nce_backward_op.register_fake
+    def _info_nce_backward_fake(grad, z, z_aug, k, k_value, labels, row_stats, *rest):
+        dk = z.new_empty((0,)) if k is None else torch.empty_like(k)
+        return torch.empty_like(z), torch.empty_like(z_aug), dk
+
+    def _setup_context(ctx, inputs, output):
+        z, z_aug, k, k_value, labels = inputs[:5]
+        ctx.save_for_backward(z, z_aug, k, labels, output[1])
+        ctx.k_value = k_value
+        ctx.rest = inputs[5:]  # the options and the backend name
+
+    def _backward(ctx, grad, _grad_row_stats):
+        z, z_aug, k, labels, row_stats = ctx.saved_tensors
+        dz, dza, dk = info_nce_backward_op(grad, z, z_aug, k, ctx.k_value, labels, row_stats, *ctx.rest)
+        return (dz, dza, dk if k is not None else None) + (None,) * 11
+
+    info_nce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def info_nce(p: Prepared, backend: str) -> torch.Tensor:
+    """The reduced loss of prepared inputs through the registered op (what
+    ``adaptive_info_nce`` calls under torch.compile)."""
+    o = p.options
+    k = None if p.k_rows is None or p.k_scalar is not None else p.k_rows
+    loss, _ = torch.ops.adaptive_cl.info_nce(
+        p.z, p.z_aug, k, p.k_scalar, p.labels_rows, o.temperature, o.normalize, o.denominator,
+        o.weighting, o.positive_weight, o.threshold, o.threshold_scale, o.reduction, backend)
+    return loss
