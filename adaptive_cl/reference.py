@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .contract import NORM_EPS, LossOptions, Prepared
+from .contract import NORM_EPS, LossOptions, Prepared, compute_dtype
 
 
 def cosine_or_dot(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -102,3 +102,67 @@ def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
 def adaptive_info_nce_reference(p: Prepared) -> torch.Tensor:
     """The loss as SPEC.md defines it, reduced as requested."""
     return reduce(row_losses(p), p.options.reduction)
+
+
+# ------------------------------------------------------------------------------ row subsets
+def row_block_losses(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    rows: torch.Tensor,
+    k_rows: torch.Tensor | None,
+    labels_rows: torch.Tensor | None,
+    options: LossOptions,
+) -> torch.Tensor:
+    """The losses l_i of the rows ``rows`` of Z = [z; z_aug], each against every column.
+
+    ``row_losses`` restricted to a subset of rows, in O(R x N) memory for R rows instead of
+    N x N: the reference path of the distributed loss, where each rank owns a few rows of the
+    global batch. ``rows``: (R,) int64 indices into Z; ``k_rows``: None or the (R,) thresholds
+    of those rows (compute dtype); ``labels_rows``: None or the (N,) int64 labels of *all* rows
+    (membership compares a row's label with every column's). With every row, this equals
+    ``row_losses`` up to the summation order of the matmul. A NaN or infinity anywhere in z or
+    z_aug makes every returned loss NaN (the contract's rule; no host synchronisation).
+    """
+    o = options
+    b = z.shape[0]
+    n = 2 * b
+    stacked = torch.cat([z, z_aug]).to(compute_dtype(z.dtype))
+    if o.normalize:
+        stacked = F.normalize(stacked, dim=1, eps=NORM_EPS)
+    c = stacked[rows] @ stacked.T
+    if o.normalize:
+        c = c.clamp(-1.0, 1.0)
+    s = c / o.temperature
+
+    cols = torch.arange(n, device=s.device)
+    partner_col = (rows + b) % n
+    partner = cols[None, :] == partner_col[:, None]
+    candidates = ~(partner | (cols[None, :] == rows[:, None]))
+    # Thresholds through the dense reference's membership; labels compare row with column here.
+    a = membership(c, k_rows, None, candidates, o)
+    if labels_rows is not None:
+        same = labels_rows[rows][:, None] == labels_rows[None, :]
+        a = torch.where(same & candidates, torch.ones_like(a), a)
+
+    in_den = partner | candidates
+    q = torch.where(partner, torch.ones_like(s), a.new_zeros(()))
+    q = q + (candidates.to(s.dtype) if o.denominator == "all" else torch.where(candidates, 1.0 - a, 0.0))
+    shift = torch.where(in_den, s, float("-inf")).amax(dim=1, keepdim=True).detach()
+    terms = q * torch.exp(torch.where(in_den, s - shift, float("-inf")))
+    lse = shift.squeeze(1) + torch.log(terms.sum(dim=1))
+
+    s_partner = s.gather(1, partner_col[:, None]).squeeze(1)
+    m = a.sum(dim=1)
+    guard = m.clamp(min=1.0)
+    alpha = o.positive_weight
+    pos_ce = ((lse[:, None] - s) * a).sum(dim=1)
+    if o.weighting == "normalized":
+        loss = alpha * (lse - s_partner) + (1.0 - alpha) / guard * pos_ce
+    else:
+        loss = (lse - s_partner) - math.log(alpha) + pos_ce - m * torch.log((1.0 - alpha) / guard)
+
+    if k_rows is not None and k_rows.requires_grad and o.threshold == "hard":
+        # as in row_losses: zeros (not None) for the flat hard threshold's gradient in k
+        loss = loss + (torch.nan_to_num(k_rows, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+    finite = torch.isfinite(stacked).all()
+    return torch.where(finite, loss, torch.full_like(loss, float("nan")))
