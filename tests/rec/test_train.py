@@ -1,13 +1,17 @@
 """Training loop: learning, bit-identical resume, atomic checkpoints, results, the CLI."""
 
-import importlib.util
+import importlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from adaptive_cl.rec import cli
 from adaptive_cl.rec import train as train_module
 from adaptive_cl.rec.data import leave_one_out
 from adaptive_cl.rec.metrics import evaluate_popularity
@@ -165,11 +169,27 @@ def test_paper_style_run_with_flattened_threshold(small_split):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_sasrec", ROOT / "examples" /
-                                                  "train_sasrec.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli
+
+
+def test_cli_entry_points():
+    # The console script names the package's main; the example and ``python -m`` run it too.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    module, _, name = scripts["adaptive-cl-train"].partition(":")
+    assert getattr(importlib.import_module(module), name) is cli.main
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for argv, prog in (([sys.executable, "-m", "adaptive_cl.rec"], "python -m adaptive_cl.rec"),
+                       ([sys.executable, str(ROOT / "examples" / "train_sasrec.py")],
+                        "train_sasrec.py")):
+        done = subprocess.run([*argv, "--help"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: {prog}") and "--resume" in done.stdout
+        done = subprocess.run([*argv, "--batch-size", "0"], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert done.returncode == 2 and "--batch-size" in done.stderr
 
 
 def test_cli_writes_results_and_plots(tmp_path, capsys):
