@@ -4,6 +4,7 @@ baseline.
     adaptive-cl-train                                   # AdaptiveRec on the synthetic demo data
     adaptive-cl-train --data Beauty.txt --method duorec --epochs 100 --out runs/x
     python -m adaptive_cl.rec ...                       # the same, without the console script
+    torchrun --standalone --nproc_per_node 2 -m adaptive_cl.rec --distributed ...   # DDP (rec/ddp.py)
 
 (``examples/train_sasrec.py`` is a thin wrapper around :func:`main`.)
 
@@ -33,6 +34,7 @@ from .data import FORMATS, DataFormatError, leave_one_out, load_dataset
 from .metrics import evaluate_popularity
 from .objectives import CONTRASTS
 from .synthetic import make_synthetic
+from .ddp import DataParallel
 from .train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on "
+                        "CUDA: one GPU per process); --batch-size stays the global batch")
     args = p.parse_args(argv)
     if args.data is not None and not args.data.is_file():
         p.error(f"argument --data: no such file: {args.data}")
@@ -141,7 +146,29 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    ddp = None
+    if args.distributed:
+        try:
+            ddp, args.device = DataParallel.from_torchrun(args.device)
+        except RuntimeError as err:
+            print(f"{prog}: error: argument --distributed: {err}", file=sys.stderr)
+            return 2
+    try:
+        return _run(args, prog, ddp)
+    finally:
+        if ddp is not None and ddp.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, prog: str, ddp: DataParallel | None) -> int:
+    main_process = ddp is None or ddp.rank == 0  # only process 0 prints and writes files
     config = build_config(args, prog)
+    if ddp is not None:
+        try:
+            DataParallel.check_backend(config.loss_backend)
+        except ValueError as err:
+            print(f"{prog}: error: argument --distributed: {err}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     try:
         data = make_synthetic() if args.data is None else load_dataset(args.data, args.format)
@@ -151,10 +178,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     except (DataFormatError, ValueError) as err:
         print(f"{prog}: error: argument --data: {err}", file=sys.stderr)
         return 2
-    print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
-          f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
-          f"{config.device}", flush=True)
-    trainer = Trainer(config, split, args.out, dataset=data.name)
+    where = config.device if ddp is None else f"{ddp.world} processes ({config.device} on process 0)"
+    if main_process:
+        print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
+              f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
+              f"{where}", flush=True)
+    trainer = Trainer(config, split, args.out, dataset=data.name, ddp=ddp)
     if args.resume:
         try:
             trainer.resume()
@@ -166,6 +195,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     except FloatingPointError as err:  # a diverged run; the last good epoch is checkpointed
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    if not main_process:
+        return 0
     popularity = {which: evaluate_popularity(split, which, ties=config.ties)
                   for which in ("valid", "test")}
     if args.out is not None:

@@ -29,6 +29,7 @@ import torch
 
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
+from .ddp import DataParallel
 from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
 from .model import SASRec
 from .objectives import (
@@ -260,8 +261,25 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
+class _ModelAndObjective(torch.nn.Module):
+    """The encoder and the objective (which may hold a threshold network) as one module, so
+    DistributedDataParallel syncs every trained parameter."""
+
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch, generator: torch.Generator):
+        return self.objective(self.model, batch, generator)
+
+
 class Trainer:
-    """Train one method on a leave-one-out split (see :func:`train`)."""
+    """Train one method on a leave-one-out split (see :func:`train`).
+
+    ``ddp``: a :class:`~adaptive_cl.rec.ddp.DataParallel` to train data-parallel (every process
+    constructs its Trainer alike and runs ``fit``; see rec/ddp.py).
+    """
 
     def __init__(
         self,
@@ -271,8 +289,11 @@ class Trainer:
         *,
         dataset: str = "synthetic",
         callback: Callable[[dict], None] | None = None,
+        ddp: DataParallel | None = None,
     ) -> None:
         config.validate()
+        if ddp is not None:
+            DataParallel.check_backend(config.loss_backend)
         if config.max_len != split.max_len:
             raise ValueError(f"config.max_len={config.max_len} but the split was built with "
                              f"max_len={split.max_len}")
@@ -280,6 +301,8 @@ class Trainer:
         self.split = split
         self.dataset = dataset
         self.callback = callback
+        self.ddp = ddp
+        self.is_main = ddp is None or ddp.rank == 0  # prints, progress bars and files
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
@@ -327,6 +350,14 @@ class Trainer:
         self.bad_epochs = 0
         self.train_seconds = 0.0
 
+        self._ddp_step = None
+        if ddp is not None:  # rec/ddp.py
+            self._ddp_step = torch.nn.parallel.DistributedDataParallel(
+                _ModelAndObjective(self.model, self.objective),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if ddp.rank:  # dropout: a stream per process (process 0 keeps the single-process one)
+                torch.manual_seed(config.seed + 7919 * ddp.rank)
+
     def _build_objective(self) -> torch.nn.Module:
         c = self.config
         if c.method == "sasrec":
@@ -370,6 +401,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "stats": self.stats.state_dict(),
             "rng": _rng_state(self.generator),
+            # data-parallel runs: every process's random state (dropout streams differ)
+            "rng_processes": None if self.ddp is None else self.ddp.all_gather_object(_rng_state(self.generator)),
             "history": self.history,
             "best": {"metric": self.best_metric, "epoch": self.best_epoch,
                      "state": self.best_state, "bad_epochs": self.bad_epochs},
@@ -395,7 +428,12 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.stats.load_state_dict(state["stats"])
-        _set_rng_state(state["rng"], self.generator)
+        processes = state.get("rng_processes")
+        written, now = (1 if processes is None else len(processes)), (1 if self.ddp is None else self.ddp.world)
+        if written != now:
+            raise ValueError(f"the checkpoint was written by {written} process(es); resume with "
+                             f"the same number (now {now})")
+        _set_rng_state(state["rng"] if processes is None else processes[self.ddp.rank], self.generator)
         self.history = list(state["history"])
         best = state["best"]
         self.best_metric, self.best_epoch = best["metric"], best["epoch"]
@@ -403,9 +441,12 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
 
     def save_checkpoint(self) -> None:
+        """Write ``out_dir/checkpoint.pt`` atomically (data-parallel: a collective; process 0 writes)."""
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+            state = self.state_dict()
+            if self.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                atomic_save(state, self.out_dir / CHECKPOINT)
 
     def resume(self) -> None:
         """Continue from ``out_dir/checkpoint.pt``. Load only checkpoints you trust; they are
@@ -443,26 +484,40 @@ class Trainer:
         has_k = False
         batches = self._batches()
         bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
-                   disable=not self.config.progress)
+                   disable=not (self.config.progress and self.is_main))
         for idx in bar:
             positives = None
             if self.objective.needs_positives:
                 positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
-            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
-            with self._autocast():
-                out = self.objective(self.model, batch, self.generator)
+            if self.ddp is None:
+                batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
+                with self._autocast():
+                    out = self.objective(self.model, batch, self.generator)
+                loss = out.loss
+            else:  # the global batch; this process computes its rows, losses are shares
+                batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives,
+                              self.ddp.rows(len(idx)), self.ddp)
+                with self._autocast():
+                    out = self._ddp_step(batch, self.generator)
+                loss = out.loss * self.ddp.world  # DDP averages gradients over processes
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             self.optimizer.step()
             for name, value in {"loss": out.loss.detach(), **out.parts}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             if out.views is not None:
-                self.stats.update(*out.views)
+                views = out.views
+                if self.ddp is not None:  # the statistics of the global batch
+                    views = [self.ddp.gather(v, len(idx)) for v in views]
+                self.stats.update(*views)
             if out.k is not None:
                 k_sum = k_sum + out.k.detach().float().mean()
                 has_k = True
         if self.scheduler is not None:
             self.scheduler.step()
+        if self.ddp is not None and sums:  # the processes' shares add up to the batch's terms
+            total = self.ddp.all_reduce(torch.stack([sums[name] for name in sums]))
+            sums = dict(zip(sums, total))
         row = {name: float(value) / len(batches) for name, value in sums.items()}
         row["k"] = float(k_sum) / len(batches) if has_k else None
         if self.stats.num_batches:
@@ -511,7 +566,7 @@ class Trainer:
         """Train until ``epochs`` or early stopping, then test the best epoch's weights."""
         c = self.config
         bar = progress_bar(total=c.epochs, initial=self.epoch, desc=c.method, unit="epoch",
-                   disable=not c.progress)
+                   disable=not (c.progress and self.is_main))
         while self.epoch < c.epochs and self.bad_epochs < c.patience:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps
@@ -553,6 +608,8 @@ class Trainer:
         """The results dict (``results.json``'s content) with test metrics of the best epoch."""
         config = self.config.to_dict()
         config["similarity"] = "cos" if self.config.normalize else "dot"
+        if self.ddp is not None:
+            config["processes"] = self.ddp.world
         best = self.history[self.best_epoch - 1]["valid"] if self.best_epoch else {}
         return {
             "method": self.config.method,
@@ -575,13 +632,15 @@ def train(
     resume: bool = False,
     dataset: str = "synthetic",
     callback: Callable[[dict], None] | None = None,
+    ddp: DataParallel | None = None,
 ) -> dict:
     """Train ``config.method`` on ``split`` and return the results dict.
 
     With ``out_dir`` a checkpoint is written atomically after every epoch; ``resume=True``
     continues from it. ``callback(row)`` sees each epoch's history row after its checkpoint.
+    ``ddp``: train data-parallel (rec/ddp.py); every process of the group calls ``train``.
     """
-    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback)
+    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback, ddp=ddp)
     if resume:
         trainer.resume()
     return trainer.fit()
