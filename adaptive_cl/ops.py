@@ -44,15 +44,18 @@ registered, ``AVAILABLE`` is False and the loss runs unregistered (torch.compile
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 
 from . import backends
-from .contract import LossOptions, Prepared, make_options, prepare
+from .contract import LossOptions, Prepared, compute_dtype, make_options, prepare
 
-#: Whether this torch can register the ops (``torch.library.custom_op``, torch >= 2.4).
-AVAILABLE = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+#: Whether this torch can register the ops (``torch.library.custom_op`` with an explicit
+#: schema, torch >= 2.4).
+AVAILABLE = (hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd")
+             and "schema" in inspect.signature(torch.library.custom_op).parameters)
 
 _OPTIONS = ("float temperature, bool normalize, str denominator, str weighting, "
             "float positive_weight, str threshold, float threshold_scale, str reduction")
@@ -111,14 +114,10 @@ class _Recompute:
 
         primals = (z, z_aug) if k is None else (z, z_aug, k)
         _, vjp = torch.func.vjp(loss_of, *primals)
-        grads = vjp(grad.to(_loss_dtype(z)))
+        grads = vjp(grad.to(compute_dtype(z.dtype)))
         # dz and dz_aug come back as two views of torch.cat's gradient; an op's outputs must not alias.
         dk = grads[2].clone() if k is not None else z.new_empty((0,))
         return grads[0].clone(), grads[1].clone(), dk
-
-
-def _loss_dtype(z: torch.Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
 class _Triton:

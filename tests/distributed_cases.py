@@ -150,5 +150,6 @@ def worker(rank: int, world: int, init_file: str, layouts) -> None:
                     raise AssertionError(f"rank {rank}, sizes {sizes}, case {case}: {err}") from err
         _non_finite(layouts[0], rank)
         _disagreement(rank)
+        dist.barrier()  # leave together (a teardown racing a busy peer can hang)
     finally:
         dist.destroy_process_group()

@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
             print(f"{prog}: error: argument --distributed: {err}", file=sys.stderr)
             return 2
     try:
-        return _run(args, prog, ddp)
+        code = _run(args, prog, ddp)
+        if ddp is not None:
+            # Leave together (process 0 writes the results last): a process tearing down its
+            # gloo connections while another still works can hang in the teardown.
+            torch.distributed.barrier()
+        return code
     finally:
         if ddp is not None and ddp.owns_group:
             torch.distributed.destroy_process_group()

@@ -74,5 +74,6 @@ def worker(rank: int, world: int, init_file: str, out: str, data_path: str) -> N
                          "--method", "sasrec", "--out", str(out_dir / "cli"), "--no-progress",
                          "--distributed"])
         assert code == 0, code
+        dist.barrier()  # leave together (a teardown racing a busy peer can hang)
     finally:
         dist.destroy_process_group()
