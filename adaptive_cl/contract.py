@@ -4,6 +4,19 @@ Every backend receives the same :class:`Prepared` bundle, so a backend never re-
 never sees an input shape other than ``(B, D)`` views, ``(N,)`` thresholds and ``(N,)`` labels.
 All checks here are on metadata only (shapes, dtypes, devices, Python values): nothing reads a
 tensor's values, so validation never synchronises with a GPU.
+
+What every backend must compute is written out in :mod:`adaptive_cl.reference` (formulas and
+numeric rules). The rules a backend most easily gets wrong, since values are never checked:
+
+- Non-finite inputs: if any element of z or z_aug is NaN or +-inf, every row's loss is NaN
+  (so "mean" and "sum" are NaN) and every element of the gradients of z and z_aug is NaN. A
+  NaN threshold k_i: hard, row i has no threshold positives; soft, row i's loss is NaN. This
+  is implemented without a host synchronisation (a device-side flag folded into the result).
+- normalize=True: z^ = z / max(||z||_2, NORM_EPS) with the norm computed so that it neither
+  overflows nor underflows for any finite row.
+- Accumulation in float32 for half/float32 inputs, float64 for float64; the loss in that
+  dtype, gradients in the input dtype. Temperatures down to MIN_TEMPERATURE give a finite loss
+  for finite inputs (normalize=True).
 """
 
 from __future__ import annotations
@@ -22,6 +35,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 #: The ``F.normalize`` epsilon: a zero row normalises to zero, so its cosine with every row is 0.
 NORM_EPS = 1e-12
+
+#: The smallest temperature: with cosines the logits c / tau, every row loss (<= about 2 / tau)
+#: and their sum over any N < 1e8 rows stay finite in float32 (max 3.4e38); a smaller tau
+#: would turn finite inputs into an infinite or NaN loss.
+MIN_TEMPERATURE = 1e-30
 
 
 @dataclass(frozen=True)
@@ -99,8 +117,8 @@ def make_options(
 ) -> LossOptions:
     """Check the scalar options (shared by the functional and the Module's constructor)."""
     temperature = _check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be > 0 (and >= {MIN_TEMPERATURE:g}); got {temperature}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool; got {type(normalize).__name__}")
     _check_choice("denominator", denominator, DENOMINATORS)

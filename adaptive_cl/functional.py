@@ -45,7 +45,8 @@ def adaptive_info_nce(
 
     For each of the N = 2B rows, candidates whose similarity to the row exceeds the row's
     threshold ``k[i]`` stop being negatives and become extra, down-weighted positives; the view
-    partner stays the main positive. See ``SPEC.md`` / the README for the exact formulas.
+    partner stays the main positive. The exact formulas are in :mod:`adaptive_cl.reference`'s
+    docstring and the README.
 
     Args:
         z, z_aug: the two views, shape (B, D), same dtype (float16/bfloat16/float32/float64)
@@ -53,7 +54,7 @@ def adaptive_info_nce(
         k: the similarity threshold (SimThres): None (plain contrastive loss), a float, a 0-d
             tensor, or a floating tensor of shape (B,) (shared by rows i and i+B) or (N,).
             Compared against the cosine (or dot product with ``normalize=False``).
-        temperature: tau > 0; logits are c / tau.
+        temperature: tau >= 1e-30; logits are c / tau.
         normalize: L2-normalise rows (``F.normalize`` convention) so c is the cosine.
         labels: optional integer (B,) or (N,) tensor; rows with equal labels are extra
             positives regardless of k (supervised / same-target positives).
@@ -72,9 +73,10 @@ def adaptive_info_nce(
         The loss in float32 (float64 for float64 inputs); gradients reach z, z_aug in their
         own dtype and k (zero for the hard threshold).
 
-    Non-finite inputs are not checked (a check would synchronise with the GPU): a NaN or inf
-    in z or z_aug makes the affected rows' losses and gradients NaN; a NaN in k makes that
-    row's hard comparisons false (no extra positives) and its soft memberships NaN.
+    Non-finite values: one NaN or +-inf anywhere in z or z_aug makes every row's loss NaN (and
+    so "mean"/"sum") and every element of the gradients of z and z_aug NaN, never a plausible
+    finite loss; no host synchronisation is spent on it. A NaN in k gives that row no threshold
+    positives (hard: c > NaN is false) or a NaN loss (soft).
     """
     options = make_options(
         temperature=temperature,

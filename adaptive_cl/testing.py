@@ -1,14 +1,14 @@
 """Tools for validating a backend: a float64 chunked reference with an analytic backward.
 
-:func:`chunked_loss_and_grads` computes SPEC.md's per-row losses and the gradients with
-respect to ``z`` and ``z_aug`` for the *hard* threshold, in float64, processing ``chunk`` rows
-at a time. It never holds more than a few ``(chunk, N)`` blocks, so it runs where the dense
+:func:`chunked_loss_and_grads` computes the per-row losses of :mod:`adaptive_cl.reference` and
+the gradients with respect to ``z`` and ``z_aug`` for the *hard* threshold, in float64,
+processing ``chunk`` rows at a time. It never holds more than a few ``(chunk, N)`` blocks, so it runs where the dense
 reference cannot: at N = 65536 the dense float64 N x N matrix alone is 34 GB, while this
 holds about three float64 ``(chunk, N)`` blocks and a few boolean ones at a time, roughly
 ``4 * chunk * N * 8`` bytes (chunk = 4096 at N = 65536: about 9 GB; a smaller chunk uses less).
 
-The backward is SPEC.md's formula, not autograd. With G_ij = u_i dl_i/ds_ij (u_i the upstream
-gradient of row i's loss),
+The backward is the closed-form logit gradient, not autograd. With G_ij = u_i dl_i/ds_ij (u_i
+the upstream gradient of row i's loss),
 
     dl_i/ds_ij = W_i exp(s_ij - LSE_i) [j in Den(i)] - w_ij,
     dL/dZhat_r = (1/tau) sum_j (G_rj + G_jr) Zhat_j        (S is symmetric)
@@ -57,7 +57,7 @@ def chunked_loss_and_grads(
     labels: torch.Tensor | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC.md's hard-threshold loss in float64, row block by row block.
+    """The hard-threshold loss in float64, row block by row block.
 
     Args:
         z, z_aug: the two views (B, D), any floating dtype, same device; promoted to float64.

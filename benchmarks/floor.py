@@ -4,7 +4,7 @@
     python benchmarks/floor.py            # markdown tables for the benchmark grid
     python benchmarks/floor.py --N 32768 --D 64
 
-Work of the fused kernel (KERNEL-NOTES.md §1-2), per call on N = 2B rows of width D:
+Work of the fused kernel (see the kernels' module docstrings), per call on N = 2B rows of width D:
 - exponentials: forward N^2 (one per logit), backward N^2 (the fixed shift 1/tau makes one
   exponential per tile element serve both G_IJ and G_JI^T);
 - matmul FLOPs: forward one N x N x D product (S = Z Z^T), backward two (recompute S, then

@@ -164,7 +164,7 @@ def _loss_callable(backend: str) -> Callable[[Inputs], torch.Tensor]:
 
 
 def official_loop_loss(z: torch.Tensor, z_aug: torch.Tensor, k: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """The released code's structure for SPEC's default options (cosine, tau = 1, "negatives",
+    """The released code's structure for the loss's default options (cosine, tau = 1, "negatives",
     "normalized", hard threshold): materialise the logits, fill a soft-target matrix one row at
     a time in Python, then a soft-label cross-entropy over the materialised matrix."""
     zs = torch.nn.functional.normalize(torch.cat([z, z_aug]).float(), dim=1)

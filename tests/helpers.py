@@ -27,29 +27,73 @@ def candidate_values(c: torch.Tensor, row: int) -> torch.Tensor:
     return c[row, keep]
 
 
+#: Smallest distance of a soft membership sum m_i from 1, the kink of max(m_i, 1). A gradcheck
+#: step of 1e-6 in z moves each c_ij by about 1e-6 and m_i by less than N * 1e-6 / (4 beta):
+#: 3e-5 for the tests' N <= 12 and beta = 0.05, far inside this margin.
+SOFT_KINK_MARGIN = 1e-3
+
+
+def soft_membership_sums(
+    z: torch.Tensor, z_aug: torch.Tensor, k_rows: torch.Tensor, scale: float, *,
+    normalize: bool = True, labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """m_i = sum over candidates j of sigmoid((c_ij - k_i) / scale), label-forced pairs counting
+    1 (the soft rule of adaptive_cl.reference), in float64."""
+    c = similarity(z, z_aug, normalize)
+    n = c.shape[0]
+    idx = torch.arange(n)
+    cand = ~torch.eye(n, dtype=torch.bool)
+    cand[idx, (idx + n // 2) % n] = False
+    a = torch.sigmoid((c - k_rows.double()[:, None]) / scale)
+    if labels is not None:
+        rows = labels if labels.numel() == n else torch.cat([labels, labels])
+        a = torch.where(rows[:, None] == rows[None, :], torch.ones_like(a), a)
+    return (a * cand).sum(dim=1)
+
+
 def safe_threshold(
-    z: torch.Tensor, z_aug: torch.Tensor, shape: str, *, normalize: bool = True, seed: int = 0
+    z: torch.Tensor, z_aug: torch.Tensor, shape: str, *, normalize: bool = True, seed: int = 0,
+    min_margin: float = 1e-4, soft_scale: float | None = None,
+    labels: torch.Tensor | None = None,
 ):
-    """A threshold of the given shape ("scalar", "0d", "B", "N") that sits at the midpoint of a
-    gap between candidate similarities of every row it applies to, so small perturbations (as in
-    gradcheck) never flip a hard decision. Returns (k, margin)."""
+    """A threshold of the given shape ("scalar", "0d", "B", "N") placed with a margin from every
+    kink of the loss, so rounding (another CPU, another backend, float32 products) or
+    gradcheck's steps never change which side of a kink an input is on:
+
+    - hard decisions: it sits at the midpoint of a gap of at least ``2 * min_margin`` between
+      the candidate similarities of every row it applies to (returned margin >= min_margin);
+    - with ``soft_scale`` (the soft threshold's beta): every row's membership sum m_i, labels
+      included, is at least ``SOFT_KINK_MARGIN`` away from 1, the kink of max(m_i, 1). (A
+      midpoint between the only two nearby similarities gives m_i = 1 + tiny: those gaps are
+      skipped.)
+
+    Gaps are tried in a seeded random order. Returns (k, margin)."""
     c = similarity(z, z_aug, normalize)
     n = c.shape[0]
     b = n // 2
     g = torch.Generator().manual_seed(seed)
 
-    def midpoint(values: torch.Tensor) -> tuple[float, float]:
-        v = torch.unique(values)  # sorted; c is symmetric, so pooled rows repeat values
-        j = int(torch.randint(0, v.numel() - 1, (1,), generator=g))
-        return float((v[j] + v[j + 1]) / 2), float((v[j + 1] - v[j]) / 2)
+    def place(rows: list[int]) -> tuple[float, float]:
+        v = torch.sort(torch.cat([candidate_values(c, i) for i in rows])).values
+        half_gaps = (v[1:] - v[:-1]) / 2
+        wide = torch.nonzero(half_gaps >= min_margin).squeeze(1)
+        for j in wide[torch.randperm(len(wide), generator=g)].tolist():
+            value = float((v[j] + v[j + 1]) / 2)
+            if soft_scale is not None:
+                m = soft_membership_sums(z, z_aug, torch.full((n,), value), soft_scale,
+                                         normalize=normalize, labels=labels)[rows]
+                if (m - 1).abs().min() < SOFT_KINK_MARGIN:
+                    continue
+            return value, float(half_gaps[j])
+        raise ValueError(f"no threshold for rows {rows} keeps the margins: use other inputs")
 
     if shape in ("scalar", "0d"):
-        value, margin = midpoint(torch.cat([candidate_values(c, i) for i in range(n)]))
+        value, margin = place(list(range(n)))
         return (value if shape == "scalar" else torch.tensor(value, dtype=z.dtype)), margin
     groups = [[i, i + b] for i in range(b)] if shape == "B" else [[i] for i in range(n)]
     ks, margins = [], []
     for rows in groups:
-        value, margin = midpoint(torch.cat([candidate_values(c, i) for i in rows]))
+        value, margin = place(rows)
         ks.append(value)
         margins.append(margin)
     return torch.tensor(ks, dtype=z.dtype), min(margins)

@@ -134,7 +134,7 @@ def test_chunked_matches_dense_on_cuda():
 
 
 # Large-N agreement of the fused kernel with the float64 chunked reference, on the benchmark's
-# inputs (k near the 90th percentile of the cosines). Tolerances: float32 at SPEC's bound for
+# inputs (k near the 90th percentile of the cosines). Tolerances: float32 at the project's bound for
 # the loss (1e-5 relative) and 1e-4 for the gradients' relative norm error; bfloat16 inputs
 # against the float64 function of the same bf16 values: 1e-2 / 3e-2 (bf16 tensor-core operands,
 # gradients returned in bf16).

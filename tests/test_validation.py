@@ -33,6 +33,7 @@ CASES = [
     (Z, ZA, None, {"temperature": 0.0}, ValueError, "temperature must be > 0"),
     (Z, ZA, None, {"temperature": -1}, ValueError, "temperature must be > 0"),
     (Z, ZA, None, {"temperature": float("nan")}, ValueError, "temperature must be finite"),
+    (Z, ZA, None, {"temperature": 1e-31}, ValueError, "temperature must be > 0 (and >= 1e-30)"),
     (Z, ZA, None, {"temperature": "1"}, TypeError, "temperature must be a real number"),
     (Z, ZA, None, {"positive_weight": 0.0}, ValueError, "positive_weight must be in (0, 1]"),
     (Z, ZA, None, {"positive_weight": 1.5}, ValueError, "positive_weight must be in (0, 1]"),

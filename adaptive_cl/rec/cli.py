@@ -9,38 +9,70 @@ baseline.
 (``examples/train_sasrec.py`` is a thin wrapper around :func:`main`.)
 
 Without ``--data`` it trains on the embedded synthetic dataset (planted sequential structure,
-sequences of ~12 items) with a short schedule (``--epochs 3``, ``--max-len 20``) that finishes
-in under three minutes on a 2-core CPU; with ``--data`` the defaults are the protocol's
-(``--epochs 100``, ``--max-len 50``, early stopping with patience 10).
+sequences of ~12 items) with a short schedule (``--epochs 3``, ``--max-len 20``) that needs
+about 90 s of one CPU core; with ``--data`` the defaults are the protocol's (``--epochs 100``,
+``--max-len 50``, early stopping with patience 10).
 
 Metrics rank ties pessimistically (an item scoring as high as the target counts as above it), so
 tied scores can only lower them; the popularity baseline, whose integer counts tie often, is
-measured the same way. On a CPU shared with other jobs, ``--threads 1`` is often several times
-faster than PyTorch's default of one thread per core (its small operations then wait on each
-other's preempted threads).
+measured the same way.
+
+Everything that can be checked is checked before training starts (the data file readable and
+parseable, ``--out`` writable and not holding another run, a ``--resume`` checkpoint readable
+and made from the same data and settings); every bad input ends with one line on stderr naming
+the argument and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .data import FORMATS, DataFormatError, leave_one_out, load_dataset
+from .data import FORMATS, DataFormatError, detect_format, leave_one_out, load_dataset
+from .ddp import DataParallel
+from .mclrec import REGULARIZERS, UPDATES
 from .metrics import evaluate_popularity
 from .objectives import CONTRASTS
+from .rcl import NGRAMS
+from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .synthetic import make_synthetic
-from .ddp import DataParallel
-from .train import METHODS, PRESETS, SIMTHRES, Trainer, TrainConfig
+from .train import (
+    CHECKPOINT,
+    METHODS,
+    PRESETS,
+    SIMTHRES,
+    THRESHOLDED,
+    CheckpointError,
+    Trainer,
+    TrainConfig,
+    atomic_write_text,
+)
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20
 DATA_EPOCHS, DATA_MAX_LEN = 100, 50
 TABLE_METRICS = ("NDCG@5", "NDCG@10", "NDCG@20", "Recall@5", "Recall@10", "Recall@20",
                  "MRR@10")
+RESULTS, POPULARITY = "results.json", "popularity.json"
+#: ``plots.plot_results``' file names (not imported: plots needs matplotlib).
+FIGURES = ("similarities.png", "simthres.png", "uniformity_alignment.png")
+#: Every file a run writes into ``--out``: what ``--overwrite`` removes before training.
+RUN_FILES = (RESULTS, POPULARITY, CHECKPOINT, *FIGURES)
+
+
+class CLIError(Exception):
+    """A bad input: :func:`main` prints it as one line and exits with code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise CLIError(f"{message} (see --help)")
 
 
 def _positive(kind: type):
@@ -49,10 +81,52 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
         return value
     return parse
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid int") from None
+    if not 0 <= value < 2**32:  # numpy's seed range
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
+    return value
+
+
+#: Method-specific flags: (flag, TrainConfig field, the method it belongs to).
+METHOD_FLAGS = (
+    ("--rcl-alpha", "rcl_alpha", "rcl"),
+    ("--rcl-ngram", "rcl_ngram", "rcl"),
+    ("--rcl-weighting", "rcl_weighting", "rcl"),
+    ("--mclrec-update", "mclrec_update", "mclrec"),
+    ("--mclrec-regularizer", "mclrec_regularizer", "mclrec"),
+    ("--mclrec-lambda", "mclrec_lambda", "mclrec"),
+    ("--mclrec-beta", "mclrec_beta", "mclrec"),
+)
 
 
 def _device(text: str) -> str:
@@ -62,53 +136,112 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
+                                         "CUDA device(s)")
     return text
 
 
 PROG = "adaptive-cl-train"
 
 
+def default_threads() -> int:
+    """The default ``--threads``: half the CPUs this process may use, at least 1, at most
+    ``MAX_DEFAULT_THREADS``.
+
+    PyTorch's own default (one thread per core) oversubscribes a machine that also runs
+    anything else: the model's many small operations then wait on each other's preempted
+    threads. On a 2-core machine loaded by other jobs the demo took 2868 s with two threads
+    against 275 s with one. Half the CPUs costs at most half the speed on an idle machine and
+    avoids that collapse on a shared one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on (containers)
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus // 2, MAX_DEFAULT_THREADS))
+
+
+MAX_DEFAULT_THREADS = 8
+
+
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    """Parse and cross-check the flags; raises :class:`CLIError` naming the bad one."""
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="interaction file (default: synthetic data)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     p.add_argument("--method", default="adaptiverec", choices=METHODS)
     p.add_argument("--contrast", choices=CONTRASTS, help="DuoRec/AdaptiveRec pair (us_x)")
     p.add_argument("--simthres", choices=SIMTHRES,
-                   help="AdaptiveRec threshold (default: statistical; paper: learnable-flat)")
+                   help="AdaptiveRec's threshold (adaptiverec default: statistical, paper preset: "
+                        "learnable-flat; rcl and mclrec default: none)")
+    p.add_argument("--rcl-alpha", type=_fraction,
+                   help="RCL: top fraction of similar training histories per user (0.05)")
+    p.add_argument("--rcl-ngram", type=int, choices=NGRAMS,
+                   help="RCL: Jaccard over items (1) or consecutive item pairs (2)")
+    p.add_argument("--rcl-weighting", choices=RCL_WEIGHTINGS,
+                   help="RCL weak-term weights: similarity (Eq. 16), row (released code), none")
+    p.add_argument("--cache-dir", type=Path,
+                   help="cache for RCL's weak positives (default: OUT/cache; none without --out)")
+    p.add_argument("--mclrec-update", choices=UPDATES,
+                   help="MCLRec: alternating encoder/augmenter/encoder steps, or joint (deviation)")
+    p.add_argument("--mclrec-regularizer", choices=REGULARIZERS,
+                   help="MCLRec's R: paper (Eqs. 11-15) or code (per row, three pairs)")
+    p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
+    p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
     p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int))
     p.add_argument("--lr", type=_positive(float))
     p.add_argument("--max-len", type=_positive(int))
     p.add_argument("--patience", type=_positive(int))
+    p.add_argument("--max-batches", type=_positive(int),
+                   help="train at most this many batches per epoch (smoke tests)")
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--seed", type=_seed, default=2024)
     p.add_argument("--threads", type=_positive(int),
-                   help="CPU threads for PyTorch (default: PyTorch's, one per core)")
+                   help=f"CPU threads for PyTorch (default: half the usable CPUs, at most "
+                        f"{MAX_DEFAULT_THREADS}; {default_threads()} here)")
     p.add_argument("--out", type=Path, help="directory for results.json and checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (refused without this flag)")
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on "
                         "CUDA: one GPU per process); --batch-size stays the global batch")
     args = p.parse_args(argv)
-    if args.data is not None and not args.data.is_file():
-        p.error(f"argument --data: no such file: {args.data}")
+    if args.data is None and args.format != "auto":
+        p.error("argument --format: only applies with --data")
+    if args.data is not None:
+        if args.data.is_dir():
+            p.error(f"argument --data: {args.data} is a directory; expected an interaction file")
+        if not args.data.is_file():
+            p.error(f"argument --data: no such file: {args.data}")
     if args.resume and args.out is None:
         p.error("argument --resume: needs --out DIR holding checkpoint.pt")
+    if args.resume and args.overwrite:
+        p.error("argument --overwrite: not allowed with --resume (continue the run or replace it)")
     if args.plots and args.out is None:
         p.error("argument --plots: needs --out DIR for the figures")
-    if args.simthres is not None and args.method != "adaptiverec":
-        p.error(f"argument --simthres: only applies to --method adaptiverec, not {args.method}")
+    if args.plots and importlib.util.find_spec("matplotlib") is None:
+        p.error("argument --plots: needs matplotlib (pip install 'adaptive-cl[examples]')")
+    if args.simthres is not None and args.method not in THRESHOLDED:
+        p.error(f"argument --simthres: only applies to --method {', '.join(THRESHOLDED)}, "
+                f"not {args.method}")
+    for flag, field, method in METHOD_FLAGS:
+        if getattr(args, field) is not None and args.method != method:
+            p.error(f"argument {flag}: only applies to --method {method}, not {args.method}")
+    if args.cache_dir is not None and args.method != "rcl":
+        p.error(f"argument --cache-dir: only applies to --method rcl, not {args.method}")
     if args.contrast is not None and args.method not in ("duorec", "adaptiverec"):
         p.error(f"argument --contrast: only applies to duorec and adaptiverec, not {args.method}")
     return args
 
 
 def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
+    """The run's :class:`TrainConfig` from the flags; raises :class:`CLIError` if invalid."""
     synthetic = args.data is None
     overrides = {
         "method": args.method,
@@ -120,7 +253,8 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         "record_histograms": args.plots,
         "amp": torch.device(args.device).type == "cuda",
     }
-    for flag in ("contrast", "simthres", "batch_size", "lr", "patience"):
+    for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
+                 *(field for _, field, _ in METHOD_FLAGS)):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.simthres == "learnable-flat":
@@ -128,8 +262,53 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
     try:
         return TrainConfig.from_preset(args.preset, **overrides)
     except ValueError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise CLIError(str(err)) from None
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """``--out`` must be a writable directory (created if need be) that holds no other run,
+    unless ``--resume`` continues it or ``--overwrite`` replaces it."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"argument --out: {out} exists and is not a directory")
+    if resume and not out.exists():
+        raise CLIError(f"argument --resume: no checkpoint at {out / CHECKPOINT}")
+    if not (resume or overwrite):
+        if (out / RESULTS).exists():
+            raise CLIError(f"argument --out: {out} holds a finished run ({RESULTS}); pass "
+                           "--overwrite to replace it (or --resume with more --epochs)")
+        if (out / CHECKPOINT).exists():
+            raise CLIError(f"argument --out: {out} holds an interrupted run ({CHECKPOINT}); "
+                           "pass --resume to continue it or --overwrite to start again")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"argument --out: cannot write to {out}: {err.strerror or err}") from None
+
+
+def load_data(args: argparse.Namespace, max_len: int):
+    """(data, split) from ``--data`` (synthetic without it); raises :class:`CLIError`."""
+    if args.data is None:
+        data = make_synthetic()
+        return data, leave_one_out(data, max_len=max_len)
+    try:
+        fmt = detect_format(args.data) if args.format == "auto" else args.format
+        data = load_dataset(args.data, fmt)
+        return data, leave_one_out(data, max_len=max_len)
+    except DataFormatError as err:
+        if err.format_hint:
+            how = f"; pass --format (one of {', '.join(FORMATS)})"
+        elif args.format == "auto":
+            how = f" (read as the detected --format {fmt})"
+        else:
+            how = f" (read as --format {fmt})"
+        raise CLIError(f"argument --data: {err.where}: {err.problem}{how}") from None
+    except ValueError as err:  # e.g. nothing survives the 5-core filter
+        raise CLIError(f"argument --data: {err}") from None
+    except OSError as err:
+        raise CLIError(f"argument --data: cannot read {args.data}: {err.strerror or err}") from None
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
@@ -141,60 +320,76 @@ def table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit code. ``prog`` only
-    names the command in messages."""
-    args = parse_args(argv, prog)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    ddp = None
-    if args.distributed:
-        try:
-            ddp, args.device = DataParallel.from_torchrun(args.device)
-        except RuntimeError as err:
-            print(f"{prog}: error: argument --distributed: {err}", file=sys.stderr)
-            return 2
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0 done,
+    2 a bad input (one line on stderr, nothing trained), 1 a diverged run. ``prog`` only names
+    the command in messages."""
     try:
-        code = _run(args, prog, ddp)
-        if ddp is not None:
-            # Leave together (process 0 writes the results last): a process tearing down its
-            # gloo connections while another still works can hang in the teardown.
-            torch.distributed.barrier()
+        return _run(argv, prog)
+    except CLIError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (with --out, --resume continues from the last finished "
+              "epoch)", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None, prog: str) -> int:
+    args = parse_args(argv, prog)
+    if not args.distributed:
+        torch.set_num_threads(args.threads or default_threads())
+        return _train(args, prog, None)
+    # The machine's default share is split between the processes torchrun started on it.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, default_threads() // local))
+    try:
+        ddp, args.device = DataParallel.from_torchrun(args.device)
+    except RuntimeError as err:
+        raise CLIError(f"argument --distributed: {err}") from None
+    try:
+        code = _train(args, prog, ddp)
+        # Leave together (process 0 writes the results last): a process tearing down its gloo
+        # connections while another still works can hang in the teardown.
+        torch.distributed.barrier()
         return code
     finally:
-        if ddp is not None and ddp.owns_group:
+        if ddp.owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _run(args: argparse.Namespace, prog: str, ddp: DataParallel | None) -> int:
+def _train(args: argparse.Namespace, prog: str, ddp: DataParallel | None) -> int:
     main_process = ddp is None or ddp.rank == 0  # only process 0 prints and writes files
     config = build_config(args, prog)
     if ddp is not None:
         try:
-            DataParallel.check_backend(config.loss_backend)
+            ddp.check_config(config)
         except ValueError as err:
-            print(f"{prog}: error: argument --distributed: {err}", file=sys.stderr)
-            return 2
+            raise CLIError(f"argument --distributed: {err}") from None
+    if args.out is not None:
+        check_out(args.out, resume=args.resume, overwrite=args.overwrite)
     start = time.perf_counter()
-    try:
-        data = make_synthetic() if args.data is None else load_dataset(args.data, args.format)
-        # Raises when no user keeps the 3 interactions a leave-one-out split needs (for
-        # example after the 5-core filter).
-        split = leave_one_out(data, max_len=config.max_len)
-    except (DataFormatError, ValueError) as err:
-        print(f"{prog}: error: argument --data: {err}", file=sys.stderr)
-        return 2
-    where = config.device if ddp is None else f"{ddp.world} processes ({config.device} on process 0)"
-    if main_process:
-        print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
-              f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
-              f"{where}", flush=True)
-    trainer = Trainer(config, split, args.out, dataset=data.name, ddp=ddp)
+    data, split = load_data(args, config.max_len)
+    if config.drop_last and split.num_train < config.batch_size:
+        raise CLIError(f"argument --batch-size: {config.batch_size} with the {config.preset} "
+                       f"preset's drop_last leaves no batch of the {split.num_train} training "
+                       "samples")
+    trainer = Trainer(config, split, args.out, dataset=data.name, cache_dir=args.cache_dir, ddp=ddp)
     if args.resume:
         try:
             trainer.resume()
-        except ValueError as err:
-            print(f"{prog}: error: argument --resume: {err}", file=sys.stderr)
-            return 2
+        except CheckpointError as err:
+            raise CLIError(f"argument --resume: {err}") from None
+    if args.overwrite and main_process:  # everything checked: only now is the old run given up
+        for name in RUN_FILES:
+            (args.out / name).unlink(missing_ok=True)
+    where = (f"{config.device}" if ddp is None else
+             f"{ddp.world} processes ({config.device} on process 0)")
+    if main_process:
+        print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
+              f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
+              f"{where}, {torch.get_num_threads()} CPU threads", flush=True)
     try:
         results = trainer.fit()
     except FloatingPointError as err:  # a diverged run; the last good epoch is checkpointed
@@ -205,9 +400,8 @@ def _run(args: argparse.Namespace, prog: str, ddp: DataParallel | None) -> int:
     popularity = {which: evaluate_popularity(split, which, ties=config.ties)
                   for which in ("valid", "test")}
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "popularity.json").write_text(json.dumps(popularity, indent=1))
+        atomic_write_text(args.out / RESULTS, json.dumps(results, indent=1))
+        atomic_write_text(args.out / POPULARITY, json.dumps(popularity, indent=1))
         if args.plots:
             from .plots import plot_results
 

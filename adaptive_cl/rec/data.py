@@ -13,6 +13,7 @@ its next item. All tensors are built with vectorised numpy, not per-sample Pytho
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,14 +29,23 @@ _RECBOLE_FIELDS = {"user": "user_id", "item": "item_id", "timestamp": "timestamp
 
 
 class DataFormatError(ValueError):
-    """A malformed input file; the message names the file, the 1-based line and the problem."""
+    """A malformed input file; the message names the file, the 1-based line and the problem.
 
-    def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
+    ``format_hint`` is True when naming the format explicitly may help (the format was guessed);
+    the message then says so (a command line says which flag does it)."""
+
+    def __init__(self, path: str | Path, line: int | None, problem: str, *,
+                 format_hint: bool = False) -> None:
         self.path = str(path)
         self.line = line
         self.problem = problem
-        where = f"{self.path}, line {line}" if line is not None else self.path
-        super().__init__(f"{where}: {problem}")
+        self.format_hint = format_hint
+        hint = f"; pass the format explicitly, format= one of {FORMATS}" if format_hint else ""
+        super().__init__(f"{self.where}: {problem}{hint}")
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}, line {self.line}" if self.line is not None else self.path
 
 
 @dataclass
@@ -75,7 +85,8 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of every non-blank line; raises on an empty file."""
     seen = False
     # surrogateescape: ids are opaque tokens, so undecodable bytes must survive, not abort.
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: a byte-order mark (as some editors write) is not part of the first token.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 seen = True
@@ -176,16 +187,46 @@ def read_user_sequences(path: str | Path) -> SequenceData:
     )
 
 
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+_USER_COLUMNS = ("user", "user_id", "userid", "uid")
+_ITEM_COLUMNS = ("item", "item_id", "itemid", "iid")
+
+
+def _is_pairs_header(fields: list[str], following: list[str] | None) -> bool:
+    """Whether the first line of a pairs file names its columns rather than holding an event:
+    it names a user and an item column (``user_id item_id``, RecBole-style ``user_id:token``),
+    or its timestamp or its ids are not numbers where the next line's are."""
+    names = [f.split(":", 1)[0].lower() for f in fields]
+    if len(names) >= 2 and names[0] in _USER_COLUMNS and names[1] in _ITEM_COLUMNS:
+        return True
+    if following is None or len(following) != len(fields):
+        return False
+    if len(fields) == 3 and not _is_number(fields[2]) and _is_number(following[2]):
+        return True
+    return not any(_is_int(f) for f in fields[:2]) and all(_is_int(f) for f in following[:2])
+
+
 def read_interaction_pairs(path: str | Path) -> SequenceData:
     """Read whitespace-separated ``user item [timestamp]`` lines, ids being arbitrary tokens.
 
     Either every line has a timestamp or none has; with timestamps each user's items are
-    stable-sorted by time, without them they keep file order.
+    stable-sorted by time, without them they keep file order. A first line that names the
+    columns (see ``_is_pairs_header``) is skipped.
     """
     path = Path(path)
     events = _Events()
     width = 0
-    for number, line in _lines(path):
+    lines = list(_lines(path))
+    if len(lines) > 1 and _is_pairs_header(lines[0][1].split(), lines[1][1].split()):
+        lines = lines[1:]
+    for number, line in lines:
         fields = line.split()
         if not width:
             width = len(fields)
@@ -275,12 +316,12 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.suffix == ".inter":
         return "recbole"
-    head: list[str] = []
-    for _, line in _lines(path):
-        head.append(line)
+    head: list[tuple[int, str]] = []
+    for number, line in _lines(path):
+        head.append((number, line))
         if len(head) == _SNIFF_LINES:
             break
-    first = head[0].rstrip("\r\n")
+    first = head[0][1].rstrip("\r\n")
     if "\t" in first and any(
         f.split(":", 1)[0].strip() == _RECBOLE_FIELDS["user"] and ":" in f
         for f in first.split("\t")
@@ -288,18 +329,32 @@ def detect_format(path: str | Path) -> str:
         return "recbole"
     if "::" in first:
         return "movielens"
-    rows = [line.split() for line in head]
-    widths = {len(r) for r in rows}
-    all_ints = all(_is_int(t) for r in rows for t in r)
-    if all_ints and min(widths) >= 2 and (len(widths) > 1 or max(widths) > 3):
+    rows = [(number, line.split()) for number, line in head]
+    widths = {len(fields) for _, fields in rows}
+    if len(widths) > 1 or max(widths) > 3:
+        # Only user sequences have lines of varying (or more than three) fields: say what breaks
+        # that reading, on which line, rather than "cannot tell".
+        for number, fields in rows:
+            bad = next((t for t in fields if not _is_int(t)), None)
+            if bad is not None:
+                raise DataFormatError(
+                    path, number,
+                    f"{bad!r} is not an integer id, but the lines have varying numbers of fields "
+                    "as in the 'sequences' format (user item item ..., integer ids)",
+                    format_hint=True,
+                )
+            if len(fields) < 2:
+                raise DataFormatError(path, number, f"user {fields[0]} has no items",
+                                      format_hint=True)
         return "sequences"
-    if len(widths) == 1 and widths <= {2, 3}:
-        users = [r[0] for r in rows]
+    if widths <= {2, 3}:
+        users = [fields[0] for _, fields in rows]
+        all_ints = all(_is_int(t) for _, fields in rows for t in fields)
         if len(set(users)) < len(users) or not all_ints:
             return "pairs"
     raise DataFormatError(
-        path, None,
-        f"cannot tell the format from the first {len(head)} lines; pass format= one of {FORMATS}",
+        path, None, f"cannot tell the format from the first {len(head)} lines",
+        format_hint=True,
     )
 
 
@@ -350,7 +405,16 @@ def load_dataset(path: str | Path, format: str = "auto", kcore: int | None = 5) 
     if kcore is not None and (isinstance(kcore, bool) or not isinstance(kcore, int) or kcore < 1):
         raise ValueError(f"kcore must be None or an integer >= 1, got {kcore!r}")
     data = _READERS[detect_format(path) if format == "auto" else format](path)
-    return kcore_filter(data, kcore) if kcore is not None else data
+    if kcore is None:
+        return data
+    kept = kcore_filter(data, kcore)
+    if not kept.num_users:
+        raise ValueError(
+            f"{path}: the {kcore}-core filter (keep users and items with >= {kcore} "
+            f"interactions, repeated until both hold) removed all {data.num_interactions} "
+            f"interactions of {data.num_users} users and {data.num_items} items"
+        )
+    return kept
 
 
 # ------------------------------------------------------------------------------------- split
@@ -484,6 +548,18 @@ class LeaveOneOutSplit:
     @property
     def num_train(self) -> int:
         return len(self.train_targets)
+
+    def fingerprint(self) -> str:
+        """A hash of every tensor training and evaluation read (and so of the data file, its
+        format, the k-core filter and ``max_len``): checkpoints store it, so a resumed run can
+        tell that it continues on the same data."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.num_items} {self.max_len}".encode())
+        for t in (self.train_inputs, self.train_targets, self.valid_inputs, self.valid_targets,
+                  self.test_inputs, self.test_targets):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def num_eval_users(self) -> int:

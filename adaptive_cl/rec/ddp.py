@@ -21,6 +21,9 @@ The run is the single-process run on the same global batches, split over W proce
   takes the same early-stopping decisions with no communication; process 0 writes the
   checkpoint (holding every process's random state) and the results.
 
+Methods: sasrec, cl4srec, duorec and adaptiverec (``METHODS``); RCL and MCLRec are refused
+with a clear error (their objectives and MCLRec's own update order compute the whole batch).
+
 With dropout switched off the run equals the single-process run up to float summation order.
 Dropout masks come from per-process random streams (process 0 keeps the single-process
 stream), so with dropout the runs agree in distribution, not draw for draw.
@@ -36,6 +39,9 @@ import torch.distributed as dist
 from ..distributed import HOOKS, Shard, adaptive_info_nce_distributed
 
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+#: The methods whose objectives compute their own rows' shares (rec/objectives.py). RCL and
+#: MCLRec still compute the whole batch on every process.
+METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec")
 
 
 class DataParallel:
@@ -109,7 +115,11 @@ class DataParallel:
         return out
 
     @staticmethod
-    def check_backend(backend: str) -> None:
-        if backend != "auto" and backend not in HOOKS:
-            raise ValueError(f"loss_backend={backend!r} has no distributed implementation yet; "
-                             f"--distributed runs 'auto' or one of {sorted(HOOKS)}")
+    def check_config(config) -> None:
+        """Raise ValueError for what data-parallel training does not cover yet."""
+        if config.method not in METHODS:
+            raise ValueError(f"method {config.method!r} does not train data-parallel yet "
+                             f"(its objective computes the whole batch); these do: {', '.join(METHODS)}")
+        if config.loss_backend != "auto" and config.loss_backend not in HOOKS:
+            raise ValueError(f"loss_backend={config.loss_backend!r} has no distributed implementation "
+                             f"yet; data-parallel training runs 'auto' or one of {sorted(HOOKS)}")

@@ -64,7 +64,7 @@ class SASRec(nn.Module):
         max_len: longest input; wider inputs raise.
         mask_token: reserve id ``num_items + 1`` (CL4SRec's mask augmentation), so the
             embedding table has ``num_items + 2`` rows; the mask token is never scored.
-        hidden, layers, heads, inner: transformer sizes (METHODS.md: 64, 2, 2, 256).
+        hidden, layers, heads, inner: transformer sizes (the protocol's: 64, 2, 2, 256).
         dropout, attn_dropout: on hidden states and attention weights (0.5, 0.5).
         eps: LayerNorm epsilon (1e-12, as RecBole).
 

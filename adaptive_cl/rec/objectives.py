@@ -1,4 +1,5 @@
-"""Training objectives: SASRec, CL4SRec, DuoRec and AdaptiveRec, one small module each.
+"""Training objectives: SASRec, CL4SRec, DuoRec and AdaptiveRec, one small module each (RCL and
+MCLRec live in ``rcl.py`` and ``mclrec.py`` and share :class:`ContrastiveTerm` from here).
 
 Each objective maps ``(model, batch, generator)`` to an :class:`ObjectiveOutput`: the total
 loss, its logged parts (device tensors, never read back here), and the contrastive view pair
@@ -27,17 +28,19 @@ CONTRASTS = ("un", "su", "us_x")
 @dataclass
 class Batch:
     """One training batch; ``positives`` holds the inputs of a same-target sample per row
-    (DuoRec's supervised view), present when the objective's ``needs_positives`` is set.
+    (DuoRec's supervised view), present when the objective's ``needs_positives`` is set;
+    ``index`` holds the rows' training-sample indices (RCL looks up weak positives by it).
 
     Data-parallel training (rec/ddp.py) hands every process the whole global batch, ``rows``
-    (the slice of rows this process computes) and ``ddp``; random draws (augmentations) are made for the
-    whole batch, the encoder runs on ``own`` rows only, and losses are this process's shares.
-    A single process has ``rows=None`` (every row) and ``ddp=None``.
+    (the slice of rows this process computes) and ``ddp``; random draws (augmentations) are
+    made for the whole batch, the encoder runs on the ``own`` rows only, and losses are this
+    process's shares. A single process has ``rows=None`` (every row) and ``ddp=None``.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     positives: torch.Tensor | None = None
+    index: torch.Tensor | None = None
     rows: slice | None = None
     ddp: DataParallel | None = None
 
@@ -189,7 +192,7 @@ class DuoRecObjective(nn.Module):
 
 
 class AdaptiveRecObjective(DuoRecObjective):
-    """AdaptiveRec: DuoRec (``us_x`` by default) with the threshold-adaptive loss of SPEC.md.
+    """AdaptiveRec: DuoRec (``us_x`` by default) with the threshold-adaptive loss (:mod:`adaptive_cl.reference`).
 
     ``simthres``: None (no threshold: alpha * NT-Xent under "normalized"), a
     ``StatisticalSimThres`` (one k per epoch) or a ``LearnableSimThres`` (one k per row; its
@@ -242,3 +245,63 @@ class AdaptiveRecObjective(DuoRecObjective):
         if reg is not None and batch.ddp is not None:
             reg = batch.ddp.replicated_share(reg)
         return cl, reg, k
+
+
+class ContrastiveTerm(nn.Module):
+    """The InfoNCE setting shared by every contrastive term of one RCL or MCLRec objective.
+
+    Without a ``simthres`` each term is plain InfoNCE over the 2B views (``k=None``,
+    ``positive_weight=1``: the methods' own losses). With one, AdaptiveRec's adaptive positives
+    go on top of every term (a combination none of the papers tried): one threshold per batch
+    from the anchor view, shared by the terms, whose rows are the same sequences; the loss
+    options (alpha, denominator, weighting, hard/soft) are AdaptiveRec's.
+    """
+
+    def __init__(
+        self,
+        simthres: StatisticalSimThres | LearnableSimThres | None = None,
+        temperature: float = 1.0,
+        normalize: bool = False,
+        positive_weight: float = 0.5,
+        denominator: str = "negatives",
+        weighting: str = "normalized",
+        threshold: str = "hard",
+        threshold_scale: float = 0.05,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.simthres = simthres
+        self.temperature = _check_temperature(temperature)
+        self.normalize = normalize
+        self.backend = backend
+        if simthres is None:
+            if threshold == "soft":
+                raise ValueError("threshold='soft' needs a simthres (k is None otherwise)")
+            self.options = dict(temperature=self.temperature, normalize=normalize,
+                                positive_weight=1.0)
+        else:
+            if not normalize:
+                raise ValueError("a SimThres is a cosine level: it needs normalize=True")
+            self.options = dict(
+                temperature=self.temperature, normalize=normalize,
+                positive_weight=positive_weight, denominator=denominator, weighting=weighting,
+                threshold=threshold, threshold_scale=threshold_scale,
+            )
+        make_options(**self.options)  # bad values fail here, not at the first batch
+
+    def threshold(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The batch's k from the anchor view ``z`` (None without a SimThres)."""
+        return None if self.simthres is None else self.simthres(z)
+
+    def regularizer(self, k: torch.Tensor | None) -> torch.Tensor | None:
+        """The learnable threshold's pull towards k_stat (None for the other kinds)."""
+        if isinstance(self.simthres, LearnableSimThres) and k is not None:
+            return self.simthres.regularizer(k)
+        return None
+
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, k: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        return adaptive_info_nce(z1, z2, k, reduction=reduction, backend=self.backend,
+                                 **self.options)

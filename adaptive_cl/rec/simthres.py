@@ -4,7 +4,7 @@
 set N(i) (j != i, j != partner) of the 2B contrastive views, entirely on the device (no host
 sync per step), and gives the epoch's k_stat in two ways:
 
-- ``"pooled"`` (SPEC.md's k_stat, the default): the percentile of all pooled c_ij, read from a
+- ``"pooled"`` (the loss's k_stat, the default): the percentile of all pooled c_ij, read from a
   fixed-bin histogram on [-1, 1] (``bins=2048``, width ~1e-3; the answer is within one bin
   width of the exact percentile, interpolated inside the bin);
 - ``"batch_mean"`` (the released AdaptiveRec code): the mean of the per-batch exact

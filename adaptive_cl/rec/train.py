@@ -9,6 +9,11 @@ Resuming from ``out_dir/checkpoint.pt`` restores the model, optimizer, scheduler
 statistics, every RNG (python, numpy, torch, CUDA, and the generator used for shuffling,
 same-target sampling and augmentation), the history and the early-stopping state, so on the CPU
 a resumed run is bit-identical to an uninterrupted one.
+
+A step is zero_grad / backward / step of one Adam over the model and the objective's parameters,
+unless the objective defines ``train_step`` (MCLRec: three steps, its augmenters with an Adam of
+their own, which it keeps in its state dict, so checkpoints carry it) and ``main_parameters``
+(what the shared Adam may update).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
 from .ddp import DataParallel
+from .mclrec import REGULARIZERS, UPDATES, MCLRecObjective
 from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
 from .model import SASRec
 from .objectives import (
@@ -37,9 +43,13 @@ from .objectives import (
     AdaptiveRecObjective,
     Batch,
     CL4SRecObjective,
+    ContrastiveTerm,
     DuoRecObjective,
+    ObjectiveOutput,
     SASRecObjective,
 )
+from .rcl import NGRAMS, RCLObjective, weak_positives
+from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .simthres import (
     KSTAT_METHODS,
     FlattenedThresholdNet,
@@ -49,7 +59,9 @@ from .simthres import (
     ThresholdNet,
 )
 
-METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec")
+METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec", "rcl", "mclrec")
+#: Methods that can take AdaptiveRec's threshold (on top of their own terms for rcl, mclrec).
+THRESHOLDED = ("adaptiverec", "rcl", "mclrec")
 SIMTHRES = ("none", "statistical", "learnable", "learnable-flat")
 PRESETS = ("default", "paper")
 SCHEDULES = ("constant", "cosine")
@@ -59,7 +71,7 @@ CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms")
 HISTOGRAM_BINS = 64
 
-#: What the "paper" preset changes: the released AdaptiveRec configuration (METHODS.md).
+#: What the "paper" preset changes: the released AdaptiveRec configuration (README: protocol).
 PAPER_PRESET = dict(
     batch_size=1024,
     drop_last=True,
@@ -70,6 +82,14 @@ PAPER_PRESET = dict(
     weighting="normalized",
     kstat_method="batch_mean",
 )
+
+#: Per-method defaults that ``from_preset`` applies unless the preset or a caller sets them:
+#: RCL and MCLRec run without a threshold (their papers' losses) and MCLRec with its own
+#: augmentation rates.
+METHOD_DEFAULTS = {
+    "rcl": dict(simthres="none"),
+    "mclrec": dict(simthres="none", crop=0.5, mask=0.5, reorder=0.8),
+}
 
 
 
@@ -105,7 +125,8 @@ class _NoBar:
 
 @dataclass
 class TrainConfig:
-    """Every hyper-parameter of a run (recorded in the results). Defaults = METHODS.md's.
+    """Every hyper-parameter of a run (recorded in the results). Defaults = the protocol's
+    (README, "The pipeline's protocol").
 
     Build presets with :meth:`from_preset`; setting ``preset="paper"`` by hand only labels the
     run and changes nothing else.
@@ -145,6 +166,18 @@ class TrainConfig:
     crop: float = 0.6
     mask: float = 0.3
     reorder: float = 0.6
+    # RCL (rcl.py): lambda is cl_weight, tau is temperature.
+    rcl_alpha: float = 0.05  # top fraction of similar training histories kept per user
+    rcl_ngram: int = 1  # 1: Jaccard over items; 2: over consecutive pairs (the paper's table)
+    rcl_weighting: str = "similarity"  # Eq. 16; "row": released code; "none": Eq. 14
+    rcl_weight_power: float = 0.1  # "row" weights s ** power
+    # MCLRec (mclrec.py)
+    mclrec_lambda: float = 0.0  # weight of L_cl1 (Beauty: 0)
+    mclrec_beta: float = 0.05  # weight of L_cl2 (Beauty: 0.05)
+    mclrec_reg_weight: float = 0.1  # gamma / beta
+    mclrec_regularizer: str = "paper"  # or "code": per-row R over the three L_cl2 pairs
+    mclrec_update: str = "alternating"  # or "joint" (one step; a deviation)
+    max_batches: int | None = None  # cap on batches per epoch (smoke tests), None = all
     patience: int = 10
     eval_batch_size: int = 1024
     mask_history: bool = False
@@ -159,19 +192,24 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
-        """The ``"default"`` (METHODS.md) or ``"paper"`` (released AdaptiveRec) configuration,
+        """The ``"default"`` (the protocol) or ``"paper"`` (released AdaptiveRec) configuration,
         with ``overrides`` applied on top."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-        base = dict(PAPER_PRESET) if preset == "paper" else {}
+        base = dict(METHOD_DEFAULTS.get(overrides.get("method", cls.method), {}))
+        if preset == "paper":
+            base.update(PAPER_PRESET)
         config = cls(**{**base, **overrides, "preset": preset})
         config.validate()
         return config
 
     @property
     def normalize(self) -> bool:
-        """Cosine similarity in the contrastive loss (False = DuoRec's dot product)."""
+        """Cosine similarity in the contrastive loss (False = the dot product of DuoRec, RCL and
+        MCLRec; RCL and MCLRec switch to cosine under a SimThres, a cosine level)."""
         if self.similarity == "auto":
+            if self.method in ("rcl", "mclrec"):
+                return self.simthres != "none"
             return self.method != "duorec"
         return self.similarity == "cos"
 
@@ -180,7 +218,9 @@ class TrainConfig:
         choices = dict(method=METHODS, contrast=CONTRASTS, simthres=SIMTHRES, preset=PRESETS,
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
-                       threshold=("hard", "soft"), ties=TIES,
+                       threshold=("hard", "soft"), ties=TIES, rcl_ngram=NGRAMS,
+                       rcl_weighting=RCL_WEIGHTINGS, mclrec_regularizer=REGULARIZERS,
+                       mclrec_update=UPDATES,
                        loss_backend=("auto", "reference", "compiled", "triton"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -194,7 +234,15 @@ class TrainConfig:
         for name in ("lr", "temperature", "threshold_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "cl_weight", "reg_weight"):
+        if not 0 < self.rcl_alpha <= 1:
+            raise ValueError(f"rcl_alpha must be in (0, 1], got {self.rcl_alpha!r}")
+        if self.max_batches is not None and (isinstance(self.max_batches, bool) or not
+                                             isinstance(self.max_batches, int) or
+                                             self.max_batches < 1):
+            raise ValueError(f"max_batches must be None or an integer >= 1, got "
+                             f"{self.max_batches!r}")
+        for name in ("weight_decay", "cl_weight", "reg_weight", "rcl_weight_power",
+                     "mclrec_lambda", "mclrec_beta", "mclrec_reg_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("kstat_percentile", "crop", "mask", "reorder"):
@@ -207,7 +255,11 @@ class TrainConfig:
                              f"histograms, got {self.kstat_bins}")
         if self.threshold == "soft" and self.simthres == "none":
             raise ValueError("threshold='soft' needs a simthres other than 'none'")
-        if self.method == "adaptiverec" and self.simthres != "none" and not self.normalize:
+        if self.method == "rcl" and self.simthres != "none" and self.rcl_weighting == "similarity":
+            raise ValueError("rcl_weighting='similarity' (Eq. 16) is no adaptive_info_nce loss, "
+                             "so a SimThres cannot act on it: use rcl_weighting 'row' or 'none', "
+                             "or simthres='none'")
+        if self.method in THRESHOLDED and self.simthres != "none" and not self.normalize:
             # k_stat is a percentile of cosines and g's output lies in (-1.05, 1.05): compared
             # with unbounded dot products it would be meaningless.
             raise ValueError("similarity='dot' cannot be thresholded: AdaptiveRec's SimThres is "
@@ -220,11 +272,20 @@ class TrainConfig:
 def atomic_save(obj: object, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in
     the same directory, fsync it, ``os.replace`` it over ``path``, fsync the directory."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path: str | Path, write: Callable) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -236,6 +297,36 @@ def atomic_save(obj: object, path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed; the message says why, on one line."""
+
+
+#: What a checkpoint of :class:`Trainer` holds besides its config (``state_dict``'s keys).
+CHECKPOINT_KEYS = ("epoch", "model", "objective", "statistical_simthres", "optimizer",
+                   "scheduler", "stats", "rng", "history", "best", "train_seconds")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` a checkpoint onto the CPU (``weights_only=True``), turning every way of
+    failing (missing, a directory, empty, truncated, not a torch file) into a one-line
+    :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    try:
+        # RNG states must stay on the CPU; the load_state_dict calls move the rest.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch reports a bad file in many exception types
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({_first_line(err)})") from None
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -289,11 +380,12 @@ class Trainer:
         *,
         dataset: str = "synthetic",
         callback: Callable[[dict], None] | None = None,
+        cache_dir: str | Path | None = None,
         ddp: DataParallel | None = None,
     ) -> None:
         config.validate()
         if ddp is not None:
-            DataParallel.check_backend(config.loss_backend)
+            DataParallel.check_config(config)
         if config.max_len != split.max_len:
             raise ValueError(f"config.max_len={config.max_len} but the split was built with "
                              f"max_len={split.max_len}")
@@ -304,6 +396,11 @@ class Trainer:
         self.ddp = ddp
         self.is_main = ddp is None or ddp.rank == 0  # prints, progress bars and files
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        # Derived data (RCL's weak positives) is cached in cache_dir, else in out_dir/cache,
+        # else (neither given) recomputed by every run.
+        if cache_dir is None and self.out_dir is not None:
+            cache_dir = self.out_dir / "cache"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = torch.device(config.device)
         self.amp = config.amp and self.device.type == "cuda"
 
@@ -313,13 +410,15 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
         self.model = SASRec(
-            split.num_items, split.max_len, mask_token=config.method == "cl4srec",
+            split.num_items, split.max_len, mask_token=config.method in ("cl4srec", "mclrec"),
             hidden=config.hidden, layers=config.layers, heads=config.heads, inner=config.inner,
             dropout=config.dropout, attn_dropout=config.attn_dropout,
         ).to(self.device)
         self.objective = self._build_objective().to(self.device)
+        # An objective with optimizers of its own (MCLRec's augmenters) names what remains.
+        objective_params = getattr(self.objective, "main_parameters", self.objective.parameters)
         self.optimizer = torch.optim.Adam(
-            [*self.model.parameters(), *self.objective.parameters()],
+            [*self.model.parameters(), *objective_params()],
             lr=config.lr, weight_decay=config.weight_decay,
         )
         self.scheduler = (
@@ -342,6 +441,7 @@ class Trainer:
         self.holdout = pool[torch.randperm(len(pool), generator=held)[:n]]
         self.holdout_partner = split.same_target.sample(self.holdout, held)
 
+        self.data_fingerprint = split.fingerprint()
         self.epoch = 0
         self.history: list[dict] = []
         self.best_metric = -math.inf
@@ -368,19 +468,36 @@ class Trainer:
         if c.method == "duorec":
             return DuoRecObjective(c.contrast, c.cl_weight, c.temperature, c.normalize,
                                    c.loss_backend)
-        simthres: StatisticalSimThres | LearnableSimThres | None = None
-        if c.simthres == "statistical":
-            simthres = StatisticalSimThres()
-        elif c.simthres == "learnable":
-            simthres = LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width),
-                                         c.reg_weight, c.reg_squared)
-        elif c.simthres == "learnable-flat":
-            simthres = LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden),
-                                         c.reg_weight, c.reg_squared)
+        simthres = self._build_simthres()
+        if c.method in ("rcl", "mclrec"):
+            term = ContrastiveTerm(simthres, c.temperature, c.normalize, c.positive_weight,
+                                   c.denominator, c.weighting, c.threshold, c.threshold_scale,
+                                   c.loss_backend)
+            if c.method == "rcl":
+                weak = weak_positives(self.split, c.rcl_alpha, c.rcl_ngram, self.cache_dir)
+                return RCLObjective(weak, self.split.train_inputs,
+                                    self.split.same_target.size > 1, term, c.cl_weight,
+                                    c.rcl_weighting, c.rcl_weight_power)
+            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder)
+            return MCLRecObjective(c.hidden, augmenter, term, c.mclrec_lambda, c.mclrec_beta,
+                                   c.mclrec_reg_weight, c.mclrec_regularizer, c.mclrec_update,
+                                   c.lr, c.weight_decay)
         return AdaptiveRecObjective(
             simthres, c.contrast, c.cl_weight, c.temperature, c.normalize, c.positive_weight,
             c.denominator, c.weighting, c.threshold, c.threshold_scale, c.loss_backend,
         )
+
+    def _build_simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
+        c = self.config
+        if c.simthres == "statistical":
+            return StatisticalSimThres()
+        if c.simthres == "learnable":
+            return LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width), c.reg_weight,
+                                     c.reg_squared)
+        if c.simthres == "learnable-flat":
+            return LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden), c.reg_weight,
+                                     c.reg_squared)
+        return None
 
     @property
     def simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
@@ -392,6 +509,8 @@ class Trainer:
         simthres = self.simthres
         return {
             "config": self.config.to_dict(),
+            "data": {"fingerprint": self.data_fingerprint, "name": self.dataset,
+                     "num_items": self.split.num_items, "num_train": self.split.num_train},
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
@@ -409,30 +528,54 @@ class Trainer:
             "train_seconds": self.train_seconds,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self, state: object) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` is a checkpoint of this trainer made
+        from the same config (up to ``RESUMABLE_CHANGES``) and the same data."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise CheckpointError("not a checkpoint of this trainer (no config in it)")
+        missing = [key for key in CHECKPOINT_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"not a checkpoint of this trainer (no {', '.join(missing)})")
         # A field added after the checkpoint was written counts as its default value.
         saved = {**dataclasses.asdict(TrainConfig()), **state["config"]}
         current = self.config.to_dict()
         differ = [k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]]
         if differ:
-            raise ValueError(
+            raise CheckpointError(
                 "the checkpoint was written with a different config: "
                 + ", ".join(f"{k}={saved.get(k)!r} (now {current[k]!r})" for k in differ)
             )
+        data = state.get("data")  # absent in checkpoints older than the fingerprint
+        if data is not None and data.get("fingerprint") != self.data_fingerprint:
+            raise CheckpointError(
+                f"the checkpoint was trained on other data ({data.get('name')!r}: "
+                f"{data.get('num_items')} items, {data.get('num_train')} training samples; now "
+                f"{self.dataset!r}: {self.split.num_items} items, {self.split.num_train}): "
+                "resume with the same data file, format and max_len"
+            )
+        processes = state.get("rng_processes")
+        written, now = (1 if processes is None else len(processes)), (1 if self.ddp is None else self.ddp.world)
+        if written != now:  # each process resumes its own dropout stream
+            raise CheckpointError(f"the checkpoint was written by {written} process(es); resume "
+                                  f"with the same number (now {now})")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
         self.epoch = state["epoch"]
-        self.model.load_state_dict(state["model"])
-        self.objective.load_state_dict(state["objective"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.objective.load_state_dict(state["objective"])
+        except RuntimeError as err:  # an old checkpoint (no fingerprint) of another dataset
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit this model: {_first_line(err)}"
+            ) from None
         if state["statistical_simthres"] is not None:
             self.simthres.load_state_dict(state["statistical_simthres"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.stats.load_state_dict(state["stats"])
-        processes = state.get("rng_processes")
-        written, now = (1 if processes is None else len(processes)), (1 if self.ddp is None else self.ddp.world)
-        if written != now:
-            raise ValueError(f"the checkpoint was written by {written} process(es); resume with "
-                             f"the same number (now {now})")
+        processes = state.get("rng_processes")  # data-parallel runs: one RNG state per process
         _set_rng_state(state["rng"] if processes is None else processes[self.ddp.rank], self.generator)
         self.history = list(state["history"])
         best = state["best"]
@@ -449,15 +592,13 @@ class Trainer:
                 atomic_save(state, self.out_dir / CHECKPOINT)
 
     def resume(self) -> None:
-        """Continue from ``out_dir/checkpoint.pt``. Load only checkpoints you trust; they are
-        read with ``weights_only=True`` all the same."""
+        """Continue from ``out_dir/checkpoint.pt``, or raise :class:`CheckpointError` (a
+        ``ValueError``) saying why it cannot: missing, unreadable, not this trainer's, another
+        config or other data. Load only checkpoints you trust; they are read with
+        ``weights_only=True`` all the same."""
         if self.out_dir is None:
-            raise ValueError("resume needs an out_dir holding checkpoint.pt")
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            raise ValueError(f"resume: no checkpoint at {path}")
-        # RNG states must stay on the CPU; the load_state_dict calls move the rest.
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            raise CheckpointError("resume needs an out_dir holding checkpoint.pt")
+        self.load_state_dict(read_checkpoint(self.out_dir / CHECKPOINT))
 
     # --------------------------------------------------------------------------- training
 
@@ -471,7 +612,25 @@ class Trainer:
         if stop == 0:
             raise ValueError(f"drop_last with batch_size={c.batch_size} leaves no batch of the "
                              f"{n} training samples")
-        return list(order[:stop].split(c.batch_size))
+        return list(order[:stop].split(c.batch_size))[: c.max_batches]
+
+    def _step(self, batch: Batch) -> ObjectiveOutput:
+        """One optimisation step on ``batch``; an objective with its own update order
+        (``train_step``: MCLRec) runs it, given the optimizer and the autocast context."""
+        custom = getattr(self.objective, "train_step", None)
+        if custom is not None:
+            return custom(self.model, batch, self.generator, self.optimizer, self._autocast)
+        with self._autocast():
+            if self.ddp is None:
+                out = self.objective(self.model, batch, self.generator)
+            else:  # the global batch; this process computes its rows, losses are shares
+                out = self._ddp_step(batch, self.generator)
+        # DDP averages gradients over the processes: scale the share back (rec/ddp.py)
+        loss = out.loss if self.ddp is None else out.loss * self.ddp.world
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return out
 
     def train_epoch(self) -> dict:
         """One pass over the training data; returns the epoch's mean loss parts etc.
@@ -489,20 +648,10 @@ class Trainer:
             positives = None
             if self.objective.needs_positives:
                 positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
-            if self.ddp is None:
-                batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives)
-                with self._autocast():
-                    out = self.objective(self.model, batch, self.generator)
-                loss = out.loss
-            else:  # the global batch; this process computes its rows, losses are shares
-                batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives,
-                              self.ddp.rows(len(idx)), self.ddp)
-                with self._autocast():
-                    out = self._ddp_step(batch, self.generator)
-                loss = out.loss * self.ddp.world  # DDP averages gradients over processes
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            rows = None if self.ddp is None else self.ddp.rows(len(idx))
+            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx, rows,
+                          self.ddp)
+            out = self._step(batch)
             for name, value in {"loss": out.loss.detach(), **out.parts}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             if out.views is not None:
@@ -632,15 +781,18 @@ def train(
     resume: bool = False,
     dataset: str = "synthetic",
     callback: Callable[[dict], None] | None = None,
+    cache_dir: str | Path | None = None,
     ddp: DataParallel | None = None,
 ) -> dict:
     """Train ``config.method`` on ``split`` and return the results dict.
 
     With ``out_dir`` a checkpoint is written atomically after every epoch; ``resume=True``
     continues from it. ``callback(row)`` sees each epoch's history row after its checkpoint.
+    ``cache_dir`` holds derived data (RCL's weak positives; default ``out_dir/cache``).
     ``ddp``: train data-parallel (rec/ddp.py); every process of the group calls ``train``.
     """
-    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback, ddp=ddp)
+    trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback,
+                      cache_dir=cache_dir, ddp=ddp)
     if resume:
         trainer.resume()
     return trainer.fit()

@@ -154,6 +154,53 @@ def test_detect_format_refuses_to_guess():
         detect_format(FIXTURES / "empty.txt")
 
 
+def test_detection_names_the_line_that_breaks_the_sequences_format(tmp_path):
+    path = tmp_path / "seqs.txt"
+    path.write_text("1 2 3 4\n2 3 4\n3 4 5 6 7\n4 2 3\n5 3 4 5\n6 2 x 4\n7 3 4\n")
+    with pytest.raises(DataFormatError, match="'x' is not an integer id") as info:
+        load_dataset(path)
+    assert info.value.line == 6 and info.value.format_hint
+    assert "seqs.txt, line 6" in str(info.value) and "format=" in str(info.value)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("1 5 6 7\n2 6 7\n".encode("utf-8-sig"))
+    assert detect_format(path) == "sequences"
+    assert read_user_sequences(path).user_ids == ["1", "2"]
+    pairs = tmp_path / "bom_pairs.txt"
+    pairs.write_bytes("u1 a\nu2 b\n".encode("utf-8-sig"))
+    assert read_interaction_pairs(pairs).user_ids == ["u1", "u2"]
+
+
+@pytest.mark.parametrize("header", ["user_id item_id timestamp", "user item time",
+                                    "user_id:token item_id:token timestamp:float"])
+def test_a_pairs_header_line_is_skipped(tmp_path, header):
+    path = tmp_path / "pairs.txt"
+    path.write_text(f"{header}\n1 5 100\n1 6 101\n2 5 99\n")
+    assert detect_format(path) == "pairs"
+    data = read_interaction_pairs(path)
+    assert data.user_ids == ["1", "2"] and data.item_ids == ["<pad>", "5", "6"]
+    assert as_lists(data) == [[1, 2], [1]]
+
+
+def test_a_pairs_header_without_timestamps_is_skipped(tmp_path):
+    path = tmp_path / "pairs.txt"
+    for header in ("user item", "uid iid", "buyer product"):
+        path.write_text(f"{header}\n1 5\n1 6\n2 5\n")
+        assert read_interaction_pairs(path).user_ids == ["1", "2"], header
+    # With string ids and unknown column names a first line is data.
+    path.write_text("buyer product\nalice pear\n")
+    assert read_interaction_pairs(path).user_ids == ["buyer", "alice"]
+
+
+def test_a_kcore_filter_that_removes_everything_says_so(tmp_path):
+    path = tmp_path / "sparse.txt"
+    path.write_text("1 2 3 4\n2 5 6 7\n")
+    with pytest.raises(ValueError, match="5-core filter .* removed all 6 interactions of 2 users"):
+        load_dataset(path, format="sequences")
+
+
 def test_load_dataset_detects_and_filters():
     assert as_lists(load_dataset(FIXTURES / "seqs.txt", kcore=None)) == [
         [1, 2, 3], [2, 3], [3, 1, 2, 4]

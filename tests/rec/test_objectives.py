@@ -89,7 +89,7 @@ def test_cl4srec_contrast_is_cosine_nt_xent_and_needs_a_mask_row():
 
 
 def test_adaptiverec_without_threshold_is_alpha_times_duorec_us_x():
-    """SPEC.md: k=None, alpha=0.5, "normalized", no extra positives -> 0.5 * NT-Xent."""
+    """k=None, alpha=0.5, "normalized": no extra positives, so 0.5 * NT-Xent."""
     m = model()
     torch.manual_seed(3)
     duo = DuoRecObjective("us_x", normalize=True)(m, batch())

@@ -1,24 +1,17 @@
-"""Training loop: learning, bit-identical resume, atomic checkpoints, results, the CLI."""
+"""Training loop: learning, bit-identical resume, atomic checkpoints, results."""
 
-import importlib
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from adaptive_cl.rec import cli
 from adaptive_cl.rec import train as train_module
 from adaptive_cl.rec.data import leave_one_out
 from adaptive_cl.rec.metrics import evaluate_popularity
 from adaptive_cl.rec.synthetic import make_synthetic
-from adaptive_cl.rec.train import CHECKPOINT, TrainConfig, Trainer, train
+from adaptive_cl.rec.train import CHECKPOINT, CheckpointError, TrainConfig, Trainer, train
 
-ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_seconds",
                "history", "config"]
 METRICS = {f"{m}@{k}" for m in ("NDCG", "Recall", "MRR") for k in (5, 10, 20)}
@@ -88,8 +81,10 @@ def test_resume_is_bit_identical(small_split, tmp_path, kw):
     assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
 
 
-def test_resume_rejects_a_different_config(small_split, tmp_path):
+def test_resume_rejects_a_different_config(split, small_split, tmp_path):
     train(config(epochs=1), small_split, tmp_path)
+    with pytest.raises(CheckpointError, match="other data"):
+        train(config(epochs=2), split, tmp_path, resume=True)
     with pytest.raises(ValueError, match="lr"):
         train(config(epochs=2, lr=1e-2), small_split, tmp_path, resume=True)
     with pytest.raises(ValueError, match="ties"):
@@ -166,88 +161,6 @@ def test_paper_style_run_with_flattened_threshold(small_split):
     assert "reg" in results["history"][-1]
     first, second = (row["lr"] for row in results["history"])
     assert first == 5e-3 and second < first  # cosine schedule, lr recorded as used
-
-
-def _cli():
-    return cli
-
-
-def test_cli_entry_points():
-    # The console script names the package's main; the example and ``python -m`` run it too.
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        scripts = tomllib.load(f)["project"]["scripts"]
-    module, _, name = scripts["adaptive-cl-train"].partition(":")
-    assert getattr(importlib.import_module(module), name) is cli.main
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for argv, prog in (([sys.executable, "-m", "adaptive_cl.rec"], "python -m adaptive_cl.rec"),
-                       ([sys.executable, str(ROOT / "examples" / "train_sasrec.py")],
-                        "train_sasrec.py")):
-        done = subprocess.run([*argv, "--help"], capture_output=True, text=True, env=env,
-                              timeout=120)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.startswith(f"usage: {prog}") and "--resume" in done.stdout
-        done = subprocess.run([*argv, "--batch-size", "0"], capture_output=True, text=True,
-                              env=env, timeout=120)
-        assert done.returncode == 2 and "--batch-size" in done.stderr
-
-
-def test_cli_writes_results_and_plots(tmp_path, capsys):
-    data = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
-    path = tmp_path / "seqs.txt"
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
-                            for u, s in zip(data.user_ids, data.sequences)))
-    out = tmp_path / "run"
-    assert _cli().main(["--data", str(path), "--epochs", "2", "--max-len", "10", "--out",
-                        str(out), "--no-progress", "--plots", "--method", "adaptiverec",
-                        "--batch-size", "128"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert list(results) == RESULT_KEYS
-    assert results["dataset"] == "seqs" and results["preset"] == "default"
-    assert set(results["test"]) == METRICS and set(results["valid"]) == METRICS
-    assert results["epochs"] == 2 and len(results["history"]) == 2
-    assert results["config"]["batch_size"] == 128
-    assert set(json.loads((out / "popularity.json").read_text())) == {"valid", "test"}
-    for name in ("similarities.png", "simthres.png", "uniformity_alignment.png"):
-        assert (out / name).stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "popularity" in printed and "NDCG@10" in printed
-    argv = ["--data", str(path), "--max-len", "10", "--out", str(out), "--resume"]
-    assert _cli().main([*argv, "--method", "sasrec"]) == 2  # another config than the checkpoint
-    err = capsys.readouterr().err
-    assert "--resume" in err and "method='adaptiverec'" in err
-
-
-def test_cli_reports_malformed_data(tmp_path, capsys):
-    path = tmp_path / "bad.txt"
-    path.write_text("1 2 3 4 5 6\n2 x 3\n")
-    assert _cli().main(["--data", str(path), "--format", "sequences", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "--data" in err and "line 2" in err
-    # Well-formed but too sparse: nothing survives the 5-core filter.
-    path.write_text("1 2 3 4\n2 5 6 7\n")
-    assert _cli().main(["--data", str(path), "--format", "sequences", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "--data" in err and "3 interactions" in err
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--method", "bert4rec"], "--method"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--lr", "fast"], "--lr"),
-    (["--simthres", "learnable", "--method", "sasrec"], "--simthres"),
-    (["--contrast", "xx"], "--contrast"),
-    (["--resume"], "--resume"),
-    (["--device", "gpu9"], "--device"),
-    (["--preset", "huge"], "--preset"),
-    (["--data", "/nonexistent/file.txt"], "--data"),
-    (["--threads", "0"], "--threads"),
-])
-def test_cli_bad_arguments(argv, flag, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _cli().main(argv)
-    assert exit_info.value.code == 2
-    assert flag in capsys.readouterr().err
 
 
 def test_early_stopping_and_test_from_the_best_epoch(small_split):
