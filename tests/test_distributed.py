@@ -56,3 +56,25 @@ def test_ddp_example_trains_like_one_process():
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "largest parameter difference" in done.stdout
+
+
+@pytest.mark.parametrize("options", [dict(), dict(threshold="soft", denominator="all", weighting="unit",
+                                                  positive_weight=0.3, normalize=False, temperature=0.2)])
+def test_row_block_equals_the_dense_rows(options):
+    """reference.row_block_losses (the distributed reference path) on any row subset equals
+    the dense reference's rows, labels compared with every column."""
+    import warnings
+
+    from adaptive_cl.contract import make_options, prepare
+    from adaptive_cl.reference import row_block_losses, row_losses
+    from helpers import safe_threshold, views
+
+    z, z_aug = views(6, 5, seed=4)
+    k, _ = safe_threshold(z, z_aug, "N", seed=5)  # hard decisions mid-gap: none can flip
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare(z, z_aug, k, labels, make_options(**options))
+    rows = torch.tensor([7, 0, 11, 3])
+    got = row_block_losses(z, z_aug, rows, p.k_rows[rows], p.labels_rows, p.options)
+    torch.testing.assert_close(got, row_losses(p)[rows], rtol=1e-12, atol=1e-12)

@@ -98,3 +98,15 @@ def test_cli_distributed_needs_torchrun(capsys, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     assert cli.main(["--distributed", "--no-progress"]) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_methods_without_shares_are_refused():
+    from adaptive_cl.rec.ddp import DataParallel
+    from adaptive_cl.rec.train import TrainConfig
+
+    for method in ("rcl", "mclrec"):
+        with pytest.raises(ValueError, match=f"method '{method}' does not train data-parallel"):
+            DataParallel.check_config(TrainConfig(method=method, simthres="none"))
+    with pytest.raises(ValueError, match="loss_backend='triton' has no distributed"):
+        DataParallel.check_config(TrainConfig(loss_backend="triton"))
+    DataParallel.check_config(TrainConfig())
