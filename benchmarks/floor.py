@@ -79,6 +79,18 @@ def serial_ms(n: int, d: int, mode: str = "fwd+bwd") -> dict:
     return {"bf16": rest + t["mm_bf16"], "fp32_tf32x3": rest + t["mm_tf32x3"], "fp32_ieee": rest + t["mm_fp32_ieee"]}
 
 
+#: Instruction issue: 4 schedulers per SM, one warp instruction per clock each (H100 SXM,
+#: 132 SMs at ~1.83 GHz): thread instructions per second when every lane is busy.
+ISSUE_THREAD_INSTR_PER_S = 4 * 132 * 1.83e9 * 32
+
+
+def issue_ms(n: int, instr_per_elem: float) -> float:
+    """Time to issue ``instr_per_elem`` thread instructions per similarity element (the SASS
+    count on a kernel's interior path, from adaptive_cl.kernels.compile_check) over N^2
+    elements: the bound of an issue-limited pass (an estimate: no stalls, full occupancy)."""
+    return n * n * instr_per_elem / ISSUE_THREAD_INSTR_PER_S * 1e3
+
+
 def sdpa_floor_ms(n: int, d: int, mode: str = "fwd+bwd") -> float:
     """The bf16 flash-attention floor on (1, 1, N, D): 2 (+5) matmuls, N^2 (+N^2) exps."""
     matmuls = 2 if mode == "fwd" else 7

@@ -8,12 +8,16 @@ Needs no install: the repository root goes on PYTHONPATH of every step. Steps, w
 
 1. ``python -m pytest tests -m cuda -q`` (the kernels' CUDA tests), junit XML kept; at most
    ``--pytest-timeout`` seconds.
-2. ``benchmarks/run.py`` with the default set (``--quick``: the target shapes only) and a time
+2. ``python -m adaptive_cl.kernels.autotune --quick`` (D = 64, bfloat16 and the float32 paths:
+   candidate launch configurations timed against the package's fixed table, which was chosen
+   from compile facts without a GPU), report and a table to paste in ``autotune.md``; at most
+   ``--autotune-timeout`` seconds.
+3. ``benchmarks/run.py`` with the default set (``--quick``: the target shapes only) and a time
    budget of what is left (less a reserve); results JSON and plots into benchmarks/results/.
-3. ``benchmarks/run.py --check-targets`` on that JSON.
-4. With ``--out DIR``: copies into DIR (flat, at most 8 files, as the device tool returns them):
-   ``junit-cuda.xml``, the results JSON, its ``-time.png`` and ``-memory.png``, ``targets.md``,
-   ``summary.md`` and ``gpu_check.log`` (everything printed).
+4. ``benchmarks/run.py --check-targets`` on that JSON.
+5. With ``--out DIR``: copies into DIR (flat, at most 8 files, as the device tool returns them):
+   ``junit-cuda.xml``, ``autotune.md``, the results JSON, its ``-time.png`` and ``-memory.png``,
+   ``targets.md``, ``summary.md`` and ``gpu_check.log`` (everything printed).
 
 Exit status: 0 every step passed (tests green, benchmark without errors, all four targets
 met); 1 some step failed (summary.md says which); 2 no CUDA device (nothing run, nothing
@@ -105,12 +109,14 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT") or None,
                     help="folder to copy results, logs and junit into (default: $OUT when set)")
     ap.add_argument("--total-s", type=float, default=420.0, help="wall-clock budget of the whole check (default 420)")
-    ap.add_argument("--pytest-timeout", type=float, default=150.0, help="limit of the CUDA tests (default 150 s)")
+    ap.add_argument("--pytest-timeout", type=float, default=180.0, help="limit of the CUDA tests (default 180 s)")
     ap.add_argument("--reserve-s", type=float, default=75.0,
                     help="kept back from the benchmark's budget for its last measurement, plots, the check (default 75)")
     ap.add_argument("--quick", action="store_true", help="benchmark only the target shapes (run.py --quick)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
     ap.add_argument("--skip-bench", action="store_true", help="do not benchmark (check targets of existing results)")
+    ap.add_argument("--autotune-timeout", type=float, default=90.0,
+                    help="limit of the launch-table measurement (default 90 s; 0 skips it)")
     ap.add_argument("--bench-args", default="", help="extra arguments for run.py, one string")
     return ap.parse_args(argv)
 
@@ -168,6 +174,16 @@ def main(argv=None) -> int:
             status = "FAIL" if rc is not None else "TIMEOUT"
         steps.append(("cuda tests", status, f"{last} ({secs:.0f} s)"))
 
+    if args.autotune_timeout > 0:
+        log("\n## 2. Launch table (adaptive_cl.kernels.autotune --quick)")
+        tune_out = os.path.join(scratch, "autotune.md")
+        rc, text, secs = stream([sys.executable, "-m", "adaptive_cl.kernels.autotune", "--quick", "--out", tune_out],
+                                log, args.autotune_timeout)
+        status = "pass" if rc == 0 else ("TIMEOUT" if rc is None else "FAIL")
+        steps.append(("launch table", status, f"autotune.md ({secs:.0f} s)"))
+    else:
+        steps.append(("launch table", "skipped", "--autotune-timeout 0"))
+
     json_path = bench.results_path(device, bench.today())
     if args.skip_bench:
         steps.append(("benchmark", "skipped", "--skip-bench"))
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
     else:
         left = args.total_s - (time.monotonic() - t_start) - args.reserve_s
         budget = max(30.0, min(300.0, left))
-        log(f"\n## 2. Benchmark (budget {budget:.0f} s)")
+        log(f"\n## 3. Benchmark (budget {budget:.0f} s)")
         cmd = [sys.executable, os.path.relpath(RUN, ROOT), "--budget-s", f"{budget:.0f}",
                "--output", os.path.relpath(json_path, ROOT)]
         if args.quick:
@@ -187,7 +203,7 @@ def main(argv=None) -> int:
         status = "pass" if rc == 0 else ("TIMEOUT" if rc is None else "FAIL")
         steps.append(("benchmark", status, f"{summary_line} ({secs:.0f} s)"))
 
-    log("\n## 3. Targets")
+    log("\n## 4. Targets")
     targets_path = os.path.join(scratch, "targets.md")
     if os.path.exists(json_path):
         rc, text, _ = stream([sys.executable, RUN, "--check-targets", "--results", json_path], log, 60)

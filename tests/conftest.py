@@ -9,6 +9,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # Triton 3.6's interpreter with numpy >= 2.4 (see tests/_triton_compat.py).
+    from _triton_compat import patch_interpreter_index
+
+    patch_interpreter_index()
+
 
 def pytest_collection_modifyitems(config, items):
     import pytest

@@ -3,6 +3,12 @@
 ``unsupported_reason(p)`` says why these inputs cannot run here (None when they can);
 ``adaptive_info_nce_triton(p)`` computes the reduced loss through one autograd Function.
 Importing needs ``triton`` (ImportError otherwise); nothing else happens at import.
+
+Modules: ``row_stats`` (the per-row pre-pass), ``adaptive_info_nce_fwd`` / ``_bwd`` (the tile
+kernels), ``function`` (entry points over row ranges, the autograd Function), ``launch`` (the
+fixed launch table), and two tools: ``compile_check`` (compile every launch for sm_90 without a
+GPU: registers, spills, instructions per element) and ``autotune`` (time candidates on a GPU,
+print a table).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ def unsupported_reason(p: Prepared) -> str | None:
 
 
 def adaptive_info_nce_triton(p: Prepared) -> torch.Tensor:
-    """The reduced loss (float32) of SPEC.md via the fused kernels; gradients to z, z_aug, k."""
+    """The reduced loss (float32) via the fused kernels (adaptive_cl.reference is its readable
+    specification); gradients to z, z_aug, k."""
     k_rows = None if p.k_scalar is not None else p.k_rows
     return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options)

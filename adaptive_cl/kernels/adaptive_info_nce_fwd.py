@@ -1,36 +1,36 @@
-"""Forward Triton kernels of the fused AdaptiveRec InfoNCE (SPEC.md), and shared tile helpers.
+"""Forward Triton kernel of the fused AdaptiveRec InfoNCE (adaptive_cl.reference is the readable
+specification), and the tile helpers it shares with the backward.
 
-Launches (normalize=True): ``_row_norm_kernel`` (one pass over Z: inverse norms, O(N)) then
-``_fwd_kernel``; normalize=False skips the first. The reduction (mean/sum) is one torch op.
+Launches: ``row_stats._row_stats_kernel`` (one pass over Z: scaled rows, inverse norms, the
+all-finite flag), then ``_fwd_kernel``; the reduction (mean/sum) is one torch op.
 
-``_fwd_kernel``: one program per block of BLOCK_M rows of Z = [z; z_aug] (rows are read from
-the two inputs by index and stride: no concatenated copy). It walks every column tile J of Z
-once, computing the raw tile Z_I Z_J^T with ``tl.dot`` (float32 accumulation; D looped in
-BLOCK_D chunks when D is wide) and, per element:
+``_fwd_kernel``: one program per block of BLOCK_M rows of Z = [z; z_aug], from a contiguous
+range [row_start, row_stop) of global rows (all N by default; a distributed caller gives its
+own rows and still walks every column). It walks every column tile J of Z once, computing the
+raw tile Zs_I Zs_J^T with ``tl.dot`` (float32 accumulation; in K_CHUNK-wide pieces when
+K_CHUNK < D, in a fixed order) and, per element:
 
-- c = dot * (inv_i * inv_j), clamped to [-1, 1]  (inv_i * inv_j first, so c_ij and c_ji are
-  the same bits: the backward re-evaluates row j's decisions on program I's c_ij);
-- t = c * log2(e)/tau (base-2 logits, scale folded);
-- membership of row i: valid (j != i, j < N), extra positive (j in N(i), c > k_i);
-- FIXED_SHIFT (normalize and tau >= 0.03): p = exp2(t - log2(e)/tau), |c| <= 1 makes this a
-  valid log-sum-exp shift, so no running max and no rescale; otherwise the online max.
+- c = dot * (inv_i * inv_j) (inv_i * inv_j first, so c_ij and c_ji are the same bits: the
+  backward re-evaluates row j's decisions on program I's c_ij); not clamped (see ``cosine``);
+- extra positive: c > k_i (a NaN k_i: no extra positives, as the comparison c > k gives);
+- FIXED_SHIFT (normalize and tau >= 0.03): e = exp2((c - 1) log2(e)/tau); |c| <= 1 makes 1/tau
+  a valid log-sum-exp shift, so no running max and no rescale; otherwise the online max.
 
-Per row it writes lse2_i = log2 sum_{Den(i)} exp2(t_ij) (base 2), m_i = |A(i)| and the loss
-l_i (SPEC.md's four numbers; the partner's c is read from the special tile that holds it, the
-same value that enters the LSE, and with the fixed shift the loss is formed as
-ln(l_i) + (1 - c_ip)/tau so a dominant partner does not cancel two terms of size 1/tau).
-Extra memory: 3 floats per row.
+Per row it writes the loss l_i, m_i = |A(i)|, and what the backward needs so that it never
+recomputes a per-row quantity per tile: ``rs_i`` (FIXED_SHIFT: W_i exp2(shift - lse2_i), the
+factor that turns the shared e_ij into row i's W_i P_ij; online: lse2_i - log2 W_i, the base-2
+offset) and ``wx_i`` (the weight of each extra positive). W_i is the row's total target weight
+(normalized: 1 if m_i > 0 else alpha; unit: 1 + m_i). If the row-stats kernel flagged a
+non-finite input, every row loss is NaN.
 
-Only the few column tiles (about 2 BLOCK_M / BLOCK_N + 3) of a row block that hold its diagonal, its partners or
-columns >= N (``_special_tile``) build the self / partner / bounds masks; every other tile
-knows all its entries are candidates.
-
-Cost per tile element (BLOCK_M x BLOCK_N), interior tiles, FIXED_SHIFT: 1 exp2, D MACs in the
-dot (3 tf32 passes with "3xtf32"), about 7 other FP32 ops without k (2 mul for c, 2 clamp, 1
-FMA for the exponent, the row-sum add) and 6 more with k (compare, count, masked sum of c,
-the denominator select). The online max adds a max-reduction and a rescale per row per tile.
-Options are ``tl.constexpr``, so each combination compiles to its own kernel with no dead
-work. Launch configuration (tile sizes, autotuning) lives in function.py.
+Only the few column tiles of a row block that hold its diagonal, its partners or columns >= N
+(``special_tile``) build the self / partner / bounds masks; every other tile knows all its
+entries are candidates. Cost per element on interior tiles (FIXED_SHIFT): the dot, 2 FMUL
+(c), 1 FFMA + 1 MUFU.EX2 (the exponential), 1 FADD (row sum); with k 1 FSETP, 1 FSET and
+2 FSEL + 2 FADD more (count, sum of c over A(i), the denominator select). Measured counts:
+benchmarks/NOTES.md (from ``python -m adaptive_cl.kernels.compile_check``). Options are
+``tl.constexpr``: each combination compiles to its own kernel and an unused option costs
+nothing. Launch configurations: ``launch.py``.
 """
 
 from __future__ import annotations
@@ -49,38 +49,29 @@ NORM_EPS = 1e-12
 #: 2^(-2 log2e/tau) must stay a normal float32 (tau > 0.0226), and the backward's per-row
 #: factor W exp2(log2e/tau - lse2) <= N 2^(2 log2e/tau) must not overflow (N <= 2^17: tau > 0.026).
 FIXED_SHIFT_MIN_TAU = 0.03
-#: Widest D chunk held in one tile. Wider D is looped (forward) or split over a second grid
-#: axis (backward). Tests lower it to exercise the chunked path in the interpreter.
+#: Widest D chunk held in one tile. Wider D is looped (the S tile) and split over a second
+#: grid axis (the backward's output). Tests lower it to exercise that path in the interpreter.
 MAX_BLOCK_D = 256
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def block_d(d: int) -> int:
-    """The D chunk, shared by the forward and the backward so both sum c_ij in the same order."""
+    """The width of a row chunk held in one tile (shared by both passes)."""
     d_pad = max(16, triton.next_power_of_2(d))
     return min(d_pad, MAX_BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------- helpers
 @triton.jit
-def _load_rows(z_ptr, za_ptr, rows, d_offs, B, N, D, s_z0, s_z1, s_a0, s_a1):
-    """Rows ``rows`` (global indices into Z = [z; z_aug]) x columns ``d_offs``, zero-padded.
-
-    Two masked loads (a row lives in exactly one input); offsets in int64 so row * stride may
-    exceed 2**31."""
-    r64 = rows.to(tl.int64)
-    d64 = d_offs.to(tl.int64)
-    dm = (d_offs < D)[None, :]
-    in_z = (rows < B)[:, None]
-    in_a = ((rows >= B) & (rows < N))[:, None]
-    xz = tl.load(z_ptr + r64[:, None] * s_z0 + d64[None, :] * s_z1, mask=in_z & dm, other=0.0)
-    xa = tl.load(za_ptr + (r64 - B)[:, None] * s_a0 + d64[None, :] * s_a1, mask=in_a & dm, other=0.0)
-    return tl.where(in_z, xz, xa)
+def load_tile(ptr, rows, d_offs, N, D, ld):
+    """Rows x columns of a contiguous (N, ld) array (the row-stats kernel's outputs), zero-padded."""
+    m = (rows < N)[:, None] & (d_offs < D)[None, :]
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * ld + d_offs[None, :], mask=m, other=0.0)
 
 
 @triton.jit
-def _split_tf32(x):
+def split_tf32(x):
     """x = hi + lo with hi exactly representable in tf32 (round half away on the 13 dropped
     mantissa bits) and lo = x - hi exact in float32."""
     xi = x.to(tl.int32, bitcast=True)
@@ -89,62 +80,55 @@ def _split_tf32(x):
 
 
 @triton.jit
-def _dot3_nt(a_hi, a_lo, b_hi, b_lo):
-    """a b^T to about float32 accuracy with three tf32 tensor-core products (the missing
-    lo*lo term is <= 2^-22 |a||b|). The two cross terms are separate products added
-    elementwise, so the (i, j) entry and the (j, i) entry of the swapped call are the same
-    bits (Triton's built-in "tf32x3" chains them in operand order, which breaks that)."""
-    small = tl.dot(a_hi, tl.trans(b_lo), input_precision="tf32") + tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
-    return tl.dot(a_hi, tl.trans(b_hi), small, input_precision="tf32")
+def dot_nt(a, a_lo, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a b^T in float32. "3xtf32": ``a`` and ``a_lo`` are the split_tf32 halves of the
+    left operand (split once by the caller when it is reused), and three tf32 tensor-core
+    products give about float32 accuracy (the missing lo*lo term is <= 2^-22 |a||b|); the two
+    cross terms are separate products added elementwise, so the (i, j) entry and the (j, i)
+    entry of the swapped call are the same bits (Triton's built-in "tf32x3" chains them in
+    operand order, which breaks that). "ieee": float32 FMA; "tf32": one tensor-core pass;
+    half types: native MMA (``a_lo`` unused)."""
+    if DOT_PREC == "3xtf32":
+        b_hi, b_lo = split_tf32(b)
+        small = tl.dot(a, tl.trans(b_lo), input_precision="tf32") + tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
+        return tl.dot(a, tl.trans(b_hi), acc, input_precision="tf32") + small
+    else:
+        return tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
 
 
 @triton.jit
-def _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """Z_I Z_J^T for wide D: BLOCK_D chunks in increasing order, float32 accumulation (the
-    same order in forward and backward, so both see the same c_ij)."""
-    offs_d = tl.arange(0, BLOCK_D)
+def left_operand(x, DOT_PREC: tl.constexpr):
+    """(a, a_lo) for dot_nt: the tf32 halves for "3xtf32", else (x, x)."""
+    if DOT_PREC == "3xtf32":
+        return split_tf32(x)
+    else:
+        return x, x
+
+
+@triton.jit
+def s_tile(zs_ptr, zi, zi_lo, rows, cols, N, D, ld,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr,
+           ONE_CHUNK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The raw tile Zs_I Zs_J^T, float32. ONE_CHUNK: all of D in one product with Zs_I held by
+    the caller (``zi``, ``zi_lo`` from left_operand); otherwise K_CHUNK-wide pieces in
+    increasing order (the float32 FMA path keeps its operands small enough not to spill; wide
+    D fits registers). Forward and backward call this with the same arguments, so both see the
+    same bits of c_ij."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if DOT_PREC == "3xtf32":
-        small = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        zi_c = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-        zj_c = _load_rows(z_ptr, za_ptr, cols, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-        if DOT_PREC == "3xtf32":  # symmetric 3-pass (see _dot3_nt), accumulated per part
-            i_hi, i_lo = _split_tf32(zi_c)
-            j_hi, j_lo = _split_tf32(zj_c)
-            small += tl.dot(i_hi, tl.trans(j_lo), input_precision="tf32") + tl.dot(i_lo, tl.trans(j_hi), input_precision="tf32")
-            acc = tl.dot(i_hi, tl.trans(j_hi), acc, input_precision="tf32")
-        else:
-            acc = tl.dot(zi_c, tl.trans(zj_c), acc, input_precision=DOT_PREC)
-    if DOT_PREC == "3xtf32":
-        acc = acc + small
+    if ONE_CHUNK:
+        zj = load_tile(zs_ptr, cols, tl.arange(0, K_CHUNK), N, D, ld)
+        acc = dot_nt(zi, zi_lo, zj, acc, DOT_PREC)
+    else:
+        offs_k = tl.arange(0, K_CHUNK)
+        for d0 in range(0, D, K_CHUNK):
+            a, a_lo = left_operand(load_tile(zs_ptr, rows, d0 + offs_k, N, D, ld), DOT_PREC)
+            b = load_tile(zs_ptr, cols, d0 + offs_k, N, D, ld)
+            acc = dot_nt(a, a_lo, b, acc, DOT_PREC)
     return acc
 
 
 @triton.jit
-def _row_norm_kernel(z_ptr, za_ptr, stats_ptr, B, N, D, s_z0, s_z1, s_a0, s_a1,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """stats[0:N] = 1 / max(|z_r|, eps); stats[N:2N] = 1.0 where |z_r| >= eps else 0.0.
-
-    Computed once and read by both passes, so every c_ij sees the same bits of inv_i and inv_j
-    (recomputing norms per tile would depend on the tile's register layout)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, BLOCK_D)
-    ss = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(z_ptr, za_ptr, rows, d0 + offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1).to(tl.float32)
-        ss += tl.sum(x * x, axis=1)
-    norm = tl.sqrt_rn(ss)
-    inv = tl.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), tl.maximum(norm, 1e-12))
-    ok = rows < N
-    tl.store(stats_ptr + rows, inv, mask=ok)
-    tl.store(stats_ptr + N + rows, tl.where(norm >= 1e-12, 1.0, 0.0), mask=ok)
-
-
-@triton.jit
-def _special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Does column tile [n0, n0 + BLOCK_N) hold, for some row of [r0, r0 + BLOCK_M), the row
     itself, its partner, or columns past N? Only such tiles (a few of the N / BLOCK_N per
     row block) pay for the self / partner / bounds masks."""
@@ -157,6 +141,20 @@ def _special_tile(n0, r0, B, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     p1 = (a1 < b1) & (n0 < b1) & (hi > a1)
     p2 = (a2 < b2) & (n0 < b2) & (hi > a2)
     return self_hit | p1 | p2 | (hi > N)
+
+
+@triton.jit
+def cosine(acc, inv_i, inv_j, NORMALIZE: tl.constexpr):
+    """c = dot * (inv_i * inv_j) (inv_i * inv_j first: c_ij and c_ji are the same bits).
+
+    Not clamped to [-1, 1]: in exact arithmetic |c| <= 1 and the reference's clamp is a no-op; the
+    computed c exceeds 1 only by rounding (a few ulp), well inside the float32 tolerance, and
+    nothing downstream needs the bound (e = exp2((c - 1) log2e/tau) stays <= 1 + 1e-6). This
+    saves two instructions per element in each pass."""
+    if NORMALIZE:
+        return acc * (inv_i[:, None] * inv_j[None, :])
+    else:
+        return acc
 
 
 @triton.jit
@@ -176,15 +174,15 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, c_par, qk_s
             extra = extra & valid & (cols[None, :] != prow[:, None])
         cnt += tl.sum(extra.to(tl.float32), axis=1)
         sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
-    t = c * qk_scale
     if FIXED_SHIFT:
-        e = tl.exp2(t - qk_scale)
+        e = tl.exp2(c * qk_scale - qk_scale)
         if K_MODE != 0 and not DEN_ALL:
             e = tl.where(extra, 0.0, e)
         if MASKED:
             e = tl.where(valid, e, 0.0)
         l_run += tl.sum(e, axis=1)
     else:
+        t = c * qk_scale
         if K_MODE != 0 and not DEN_ALL:
             t = tl.where(extra, float("-inf"), t)
         if MASKED:
@@ -197,31 +195,28 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, c_par, qk_s
 
 
 @triton.jit
-def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
-                B, N, D, s_z0, s_z1, s_a0, s_a1, s_k,
+def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr,
+                B, N, D, ld, row_start, row_stop, s_k,
                 k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha,
                 NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
-                DEN_ALL: tl.constexpr, UNIT: tl.constexpr, SINGLE_D: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                DEN_ALL: tl.constexpr, UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr,
+                ONE_CHUNK: tl.constexpr):
     # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load).
-    r0 = tl.program_id(0) * BLOCK_M
+    r0 = row_start + tl.program_id(0) * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
+    row_ok = rows < row_stop
     prow = tl.where(rows < B, rows + B, rows - B)
-    offs_d = tl.arange(0, BLOCK_D)
 
-    if SINGLE_D:  # all of D fits one chunk: Z_I stays in registers for the whole row walk
-        zi = _load_rows(z_ptr, za_ptr, rows, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-        if DOT_PREC == "3xtf32":
-            zi_hi, zi_lo = _split_tf32(zi)
-    if NORMALIZE:
-        inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0)
+    zi = tl.zeros([BLOCK_M, K_CHUNK], dtype=zs_ptr.dtype.element_ty)
+    if ONE_CHUNK:  # all of D in one product: Zs_I stays on chip for the whole row walk
+        zi = load_tile(zs_ptr, rows, tl.arange(0, K_CHUNK), N, D, ld)
+    zi, zi_lo = left_operand(zi, DOT_PREC)
+    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else k_scalar
     k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar  # K_MODE 0: unused
     if K_MODE == 2:
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
 
-    shift2 = qk_scale  # log2(e)/tau: the fixed base-2 shift (max possible t)
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -230,23 +225,10 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
 
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        if SINGLE_D:
-            zj = _load_rows(z_ptr, za_ptr, cols, offs_d, B, N, D, s_z0, s_z1, s_a0, s_a1)
-            if DOT_PREC == "3xtf32":
-                zj_hi, zj_lo = _split_tf32(zj)
-                acc = _dot3_nt(zi_hi, zi_lo, zj_hi, zj_lo)
-            else:
-                acc = tl.dot(zi, tl.trans(zj), input_precision=DOT_PREC)
-        else:
-            acc = _chunked_dot(z_ptr, za_ptr, rows, cols, B, N, D, s_z0, s_z1, s_a0, s_a1,
-                               BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC)
-        if NORMALIZE:
-            inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0)
-            c = acc * (inv_i[:, None] * inv_j[None, :])
-            c = tl.minimum(tl.maximum(c, -1.0), 1.0)
-        else:
-            c = acc
-        if _special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
+        acc = s_tile(zs_ptr, zi, zi_lo, rows, cols, N, D, ld, BLOCK_M, BLOCK_N, K_CHUNK, ONE_CHUNK, DOT_PREC)
+        inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0) if NORMALIZE else k_scalar
+        c = cosine(acc, inv_i, inv_j, NORMALIZE)
+        if special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
             m_run, l_run, cnt, sum_c, dp = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt,
                                                      sum_c, dp, qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
         else:
@@ -255,7 +237,7 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
 
     l_run = tl.where(row_ok, l_run, 1.0)  # padding rows: keep log2 finite
     if FIXED_SHIFT:
-        lse2 = shift2 + tl.log2(l_run)
+        lse2 = qk_scale + tl.log2(l_run)  # qk_scale = log2(e)/tau: the fixed base-2 shift
     else:
         lse2 = tl.where(row_ok, m_run, 0.0) + tl.log2(l_run)
 
@@ -270,17 +252,28 @@ def _fwd_kernel(z_ptr, za_ptr, inv_ptr, k_ptr, loss_ptr, lse2_ptr, m_ptr,
         lse = lse2 * 0.6931471805599453  # natural-log LSE_i
         ce_p = lse - dp * inv_tau
         pos = cnt * lse - sum_c * inv_tau  # sum over A(i) of (LSE_i - s_ij)
-    if K_MODE != 0:
-        guard = tl.maximum(cnt, 1.0)
-        if UNIT:
-            loss = ce_p - log_alpha + pos - cnt * (log_1m_alpha - tl.log(guard))
-        else:
-            loss = alpha * ce_p + (1.0 - alpha) / guard * pos
+    guard = tl.maximum(cnt, 1.0)
+    if UNIT:
+        loss = ce_p - log_alpha
+        if K_MODE != 0:
+            loss += pos - cnt * (log_1m_alpha - tl.log(guard))
+        w_tot = 1.0 + cnt
+        w_x = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
-        if UNIT:
-            loss = ce_p - log_alpha
-        else:
-            loss = alpha * ce_p
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-    tl.store(lse2_ptr + rows, lse2, mask=row_ok)
-    tl.store(m_ptr + rows, cnt, mask=row_ok)
+        loss = alpha * ce_p
+        if K_MODE != 0:
+            loss += (1.0 - alpha) / guard * pos
+        w_tot = tl.where(cnt > 0.0, 1.0, alpha)
+        w_x = (1.0 - alpha) / guard
+    if FIXED_SHIFT:
+        rs = w_tot * tl.exp2(qk_scale - lse2)
+    else:
+        rs = lse2 - tl.log2(w_tot)
+    # Any NaN / inf in z or z_aug: every row's loss is NaN (the backward does the same to the
+    # gradients), instead of whatever the masked NaN left behind.
+    loss = tl.where(tl.load(flag_ptr) != 0, float("nan"), loss)
+    out = rows - row_start
+    tl.store(loss_ptr + out, loss, mask=row_ok)
+    tl.store(cnt_ptr + out, cnt, mask=row_ok)
+    tl.store(rs_ptr + out, rs, mask=row_ok)
+    tl.store(wx_ptr + out, w_x, mask=row_ok)

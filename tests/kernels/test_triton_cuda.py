@@ -5,15 +5,18 @@ Marked ``cuda`` (tests/conftest.py skips them without a GPU). The reference is
 chunk) memory), itself tested against the dense autograd reference on CPU, so the same check
 runs from N = 6 to N = 65536 (where the dense float64 N x N matrix would be 34 GB).
 
-- an option grid (pairwise covering design) at N <= 4096 in four precisions, with one fixed
-  launch config per kernel (``ADAPTIVE_CL_TRITON_AUTOTUNE=0``: tuning every option
-  combination would take minutes of compilation);
-- autotuned launches, large N (up to 65536, N^2 > 2^31), determinism and peak memory.
+- an option grid (pairwise covering design) at N <= 4096 in five precisions, each with the
+  launch table's configuration (launch.py: one per D bucket, dtype and float32 path, shared by
+  forward and backward; nothing is tuned at run time);
+- which float32 "highest" path ("ieee" K-split FMA, the default, or the symmetric "3xtf32")
+  meets the 1e-5 bound (one test per path, so the junit XML records it);
+- NaN / inf inputs (NaN loss and gradients), rows of magnitude 1e30, the float16 gradient
+  scale at N = 65536, large N (N^2 > 2^31), determinism and peak memory.
 
 Two sizes: by default a quick subset (the first 6 cases of the covering design, which cover
-the most pairs, one autotuned and one N = 65536 case: about a minute and a half on an H100
-from a cold Triton cache, to fit benchmarks/gpu_check.py's 150 s test budget);
-``ADAPTIVE_CL_CUDA_FULL=1`` runs everything (a few minutes, mostly compilation).
+the most pairs, and one N = 65536 case: about a minute and a half on an H100 from a cold
+Triton cache, to fit benchmarks/gpu_check.py's test budget); ``ADAPTIVE_CL_CUDA_FULL=1`` runs
+everything (a few minutes, mostly compilation).
 
 Errors (the issue's bounds, tol: float32 "highest" (ieee, 3xtf32) 1e-5, float32 "high" (tf32)
 2e-3, bfloat16 / float16 2e-2), all against float64 on the same (kernel-dtype) inputs:
@@ -70,11 +73,6 @@ def _restore_matmul_precision():
     before = torch.get_float32_matmul_precision()
     yield
     torch.set_float32_matmul_precision(before)
-
-
-@pytest.fixture
-def fixed_config(monkeypatch):
-    monkeypatch.setenv("ADAPTIVE_CL_TRITON_AUTOTUNE", "0")
 
 
 def views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous", tau=1.0):
@@ -244,7 +242,7 @@ def _gid(case):
 
 
 @pytest.mark.parametrize("case", _subset(GRID, 6), ids=_gid)
-def test_option_grid(case, fixed_config, monkeypatch):
+def test_option_grid(case, monkeypatch):
     dtype, tol = set_precision(monkeypatch, case["precision"])
     b, d = case["shape"]
     seed = 7 * b + d
@@ -261,22 +259,39 @@ def test_option_grid(case, fixed_config, monkeypatch):
     check(z, za, k, opts, tol, upstream=upstream)
 
 
-# ------------------------------------------------------------------- autotuned and large N
-@pytest.mark.parametrize(
-    "precision,b,d,kind,opts",
-    _subset([
-        ("bf16", 4096, 64, "N", dict(temperature=0.1)),
-        ("fp32-ieee", 2048, 128, "B", dict(temperature=0.2, weighting="unit", denominator="all")),
-        ("fp32-3xtf32", 2048, 64, "N", dict(temperature=0.05, reduction="none")),
-        ("fp32-tf32", 2048, 256, "scalar", dict(temperature=0.05, reduction="sum")),
-        ("fp16", 4096, 64, "none", dict(temperature=0.5, normalize=False)),
-    ], 1),
-)
-def test_autotuned(precision, b, d, kind, opts, monkeypatch):
-    dtype, tol = set_precision(monkeypatch, precision)
-    z, za = views(b, d, dtype, seed=b + d, normalize=opts.get("normalize", True), tau=opts.get("temperature", 1.0))
-    k, _ = pick_k(z, za, kind, opts.get("normalize", True))
-    check(z, za, k, opts, tol)
+# ------------------------------------------------------------- float32 "highest" and contract
+@pytest.mark.parametrize("path", ["ieee", "3xtf32"])
+@pytest.mark.parametrize("b,d,tau", _subset([(2048, 64, 0.05), (1000, 128, 0.2), (257, 300, 0.1)], 1))
+def test_fp32_highest_path_meets_1e5(path, b, d, tau, monkeypatch):
+    """Which float32 "highest" path meets the float32 bound (1e-5) on hardware: the junit XML of
+    gpu_check records one result per path (the default is "ieee"; "3xtf32" could replace it
+    if it passes everywhere, being several times faster)."""
+    dtype, tol = set_precision(monkeypatch, "fp32-" + path)
+    z, za = views(b, d, dtype, seed=b + d, tau=tau)
+    k, _ = pick_k(z, za, "B", True)
+    check(z, za, k, dict(temperature=tau, reduction="none"), tol)
+
+
+@pytest.mark.parametrize("dtype", _subset([torch.bfloat16, torch.float32, torch.float16], 1))
+def test_non_finite_inputs_give_nan(dtype):
+    """Contract 1 on hardware, where tl.maximum / PTX max.f32 drop NaN: the flag set by the
+    row-stats kernel makes every row loss and every gradient element NaN."""
+    for bad in (float("nan"), float("inf")):
+        z, za = views(300, 64, dtype, seed=5)
+        za[17, 3] = bad
+        zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
+        rows = adaptive_info_nce(zt, zat, 0.3, backend="triton", reduction="none")
+        rows.sum().backward()
+        assert torch.isnan(rows).all() and torch.isnan(zt.grad).all() and torch.isnan(zat.grad).all()
+
+
+def test_huge_and_tiny_rows():
+    """Contract 2: rows of magnitude 1e30 and 1e-30 (float32) against the float64 reference."""
+    z, za = views(500, 64, torch.float32, seed=6)
+    z[3] *= 1e30
+    za[8] *= 1e-30
+    k, _ = pick_k(z, za, "B", True)
+    check(z, za, k, dict(temperature=0.2), 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -289,10 +304,11 @@ def test_autotuned(precision, b, d, kind, opts, monkeypatch):
         ("fp32-3xtf32", 16384, 64, dict(temperature=0.1, denominator="all")),
     ], 1),
 )
-def test_large_n(precision, b, d, opts, monkeypatch, fixed_config):
+def test_large_n(precision, b, d, opts, monkeypatch):
     """k: one scalar at a quantile of a sample of similarities (a per-row gap search at
     N = 65536 would sort 4e9 values); the inputs are exact in the kernel's dtype, so c differs
-    from float64 only by float32 accumulation and only entries within ~1e-6 of k can flip."""
+    from float64 only by float32 accumulation and only entries within ~1e-6 of k can flip.
+    float16 at N = 65536: the gradient's terms P ~ 1/N are scaled before the cast (no subnormals)."""
     dtype, tol = set_precision(monkeypatch, precision)
     z, za = views(b, d, dtype, seed=b + d, tau=opts["temperature"])
     sample = F.normalize(torch.cat([z[:512], za[:512]]).double(), dim=1)
@@ -319,7 +335,7 @@ def test_peak_memory_is_linear_in_n():
     z, za = views(8192, 64, torch.bfloat16, seed=2)
     k, _ = pick_k(z, za, "B", True)
     zt, zat = z.detach().requires_grad_(), za.detach().requires_grad_()
-    adaptive_info_nce(zt, zat, k, temperature=0.1, backend="triton").backward()  # compile, tune
+    adaptive_info_nce(zt, zat, k, temperature=0.1, backend="triton").backward()  # compile
     zt.grad = zat.grad = None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -19,7 +19,7 @@ from adaptive_cl import adaptive_info_nce  # noqa: E402
 from adaptive_cl import backends  # noqa: E402
 from adaptive_cl.contract import make_options, prepare  # noqa: E402
 from adaptive_cl.kernels import adaptive_info_nce_fwd as fwd  # noqa: E402
-from adaptive_cl.kernels import function as kfunc  # noqa: E402
+from adaptive_cl.kernels import launch as klaunch  # noqa: E402
 from adaptive_cl.kernels import unsupported_reason  # noqa: E402
 from adaptive_cl.reference import adaptive_info_nce_reference  # noqa: E402
 
@@ -190,10 +190,10 @@ def test_large_logits_dot_products_online_max():
 
 @pytest.mark.parametrize("blocks", [(32, 16), (64, 32), (32, 64), (128, 64), (64, 128)])
 def test_interpreter_block_shapes(monkeypatch, blocks):
-    """Other tile shapes (those the GPU autotuner picks among, BLOCK_M != BLOCK_N, blocks wider
-    than N, N not a multiple of either) give the same numbers within float32 rounding: the
+    """Other tile shapes (those of the launch table and of autotune's candidates, BLOCK_M !=
+    BLOCK_N, blocks wider than N, N not a multiple of either) give the same numbers within float32 rounding: the
     special-tile logic (diagonal, partners, columns >= N) must hold for every combination."""
-    monkeypatch.setattr(kfunc, "INTERPRET_BLOCKS", blocks)
+    monkeypatch.setattr(klaunch, "INTERPRET_BLOCKS", blocks)
     if blocks[0] == 64 and blocks[1] == 32:
         monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)  # also the chunked-D / D-split path
     z, za = make_views(37, 20, torch.float32, seed=13, device=DEVICE)
