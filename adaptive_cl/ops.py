@@ -15,7 +15,8 @@ Two ops, with these schemas (stable: a change gets a new overload name)::
 Arguments are those of :func:`adaptive_cl.adaptive_info_nce`, validated the same way, with the
 threshold split in two: ``k`` a tensor (0-d, (B,) or (N,)) or ``k_value`` a float (not both).
 ``loss`` is what ``adaptive_info_nce`` returns. ``row_stats`` is a float32 ``(S, N)`` tensor of
-per-row statistics that the backend's backward consumes (S = 0 for backends that recompute);
+per-row statistics that the backend's backward consumes (S = 3 for the fused kernels, 0 for
+backends that recompute);
 it is private to the backend: read only ``loss``. ``dk`` has ``k``'s shape, or shape (0,) when
 ``k`` is None. ``backend`` is a name of ``adaptive_cl.backends.BACKENDS``; "auto" resolves
 inside the op by the same metadata-only rule as in eager mode.
@@ -28,9 +29,9 @@ launches, but they need the launch code in kernels/ wrapped, and they give no be
 
 How each backend runs inside the op:
 
-- the Triton kernel (``backend="triton"``, or "auto" on CUDA): the forward kernel returns its
-  per-row statistics (base-2 LSE, |A(i)|, inverse norms) as ``row_stats``; the backward kernel
-  reads them. Same launches as eager mode, nothing recomputed.
+- the Triton kernel (``backend="triton"``, or "auto" on CUDA): the forward returns its per-row
+  statistics (|A(i)| and the backward's two per-row factors) as ``row_stats``; the backward
+  reads them and recomputes only the O(N D) row preparation (a pre-pass), not the N^2 work.
 - every other backend (the reference, its ``torch.compile`` form, backends added later): the
   forward runs without autograd; the backward re-runs it under ``torch.func.vjp``. (Plain
   autograd cannot record inside an op implementation: the dispatcher has already stepped
@@ -45,7 +46,6 @@ registered, ``AVAILABLE`` is False and the loss runs unregistered (torch.compile
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
@@ -121,56 +121,32 @@ class _Recompute:
 
 
 class _Triton:
-    """The fused kernels: the forward's per-row statistics travel as ``row_stats`` rows
-    [lse2, count(, inverse-norm stats as two rows of N when normalize)].
-
-    This is the one place that knows the kernels' launch helpers (``forward_rows`` and
-    ``backward_rows`` of kernels/function.py); their launch constants are kept per (options,
-    dtype, D, threshold mode, dot precision) from the forward, so the backward launches exactly
-    the forward's specialisation."""
-
-    _consts: dict = {}
+    """The fused kernels through their tensor-only entry points (kernels/function.py
+    ``forward_stats`` / ``backward_from_stats``): the forward's (3, N) per-row statistics travel
+    as ``row_stats``; the backward recomputes the O(N D) row preparation, not the N^2 work."""
 
     @staticmethod
     def stats_rows(p: Prepared) -> int:
-        return 4 if p.options.normalize else 2
+        return 3
 
     @staticmethod
-    def _key(z, k_rows, k_scalar, options):
-        from .kernels import function as f
-
-        kmode = f._kmode(k_rows, k_scalar)
-        return (options, z.dtype, z.shape[1], kmode, f.dot_precision(z.dtype),
-                os.environ.get("ADAPTIVE_CL_FP32_HIGHEST"))
-
-    @classmethod
-    def forward(cls, fn, p: Prepared):
+    def forward(fn, p: Prepared):
         from .kernels import function as f
 
         k_rows = None if p.k_scalar is not None else p.k_rows
         with f._on_device(p.z):
-            loss, lse2, cnt, stats, _k_t, consts = f.forward_rows(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
-        cls._consts[cls._key(p.z, k_rows, p.k_scalar, p.options)] = consts
-        rows = [lse2, cnt] + ([stats[: lse2.numel()], stats[lse2.numel():]] if p.options.normalize else [])
-        return _reduce(loss, p.options.reduction), torch.stack(rows)
+            loss, stats = f.forward_stats(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
+        return _reduce(loss, p.options.reduction), stats
 
-    @classmethod
-    def backward(cls, fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
+    @staticmethod
+    def backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
         from .kernels import function as f
 
         p = _prepare(z, z_aug, k, k_value, labels, options)
         k_rows = None if p.k_scalar is not None else p.k_rows
-        consts = cls._consts.get(cls._key(z, k_rows, p.k_scalar, options))
-        if consts is None:
-            raise RuntimeError(
-                "adaptive_cl::info_nce_backward (triton) found no forward with these options, dtype "
-                "and float32 matmul precision: was the precision changed between forward and backward?")
-        lse2, cnt = row_stats[0], row_stats[1]
-        stats = row_stats[2:].reshape(-1) if options.normalize else lse2
-        k_t = lse2 if k_rows is None else k_rows.float().contiguous()
         with f._on_device(z):
-            dz, dza = f.backward_rows(z, z_aug, k_t, p.k_scalar, stats, lse2, cnt, consts, options, grad)
-        dk = z.new_empty((0,)) if k is None else torch.zeros_like(k)
+            dz, dza = f.backward_from_stats(z, z_aug, k_rows, p.k_scalar, options, row_stats, grad)
+        dk = z.new_empty((0,)) if k is None else torch.zeros_like(k)  # the hard threshold is flat
         return dz, dza, dk
 
 
