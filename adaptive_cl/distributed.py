@@ -19,15 +19,20 @@ global value; reduction="none" returns the rank's own 2 B_r row losses, ordered
 Gradients: every rank's inputs receive exactly the gradient of the global loss, as in one
 process, provided every rank runs backward (as DDP requires anyway: the backward holds a
 collective). A loss term of row i depends on every column j, so rank r's rows also push
-gradient into the other ranks' inputs. The reference path lets autograd give rank r's
-contributions to all N rows of Z, all-reduces them (O(N D) traffic, the size of the forward's
-gather) and keeps its own rows. (The alternative, all-gathering the O(N) per-row statistics and
-using the symmetry of S so each rank forms its own rows' full gradient, moves less data and
-suits a fused kernel with a row range; a backend hook may choose it, see ``RowsHook``.)
+gradient into the other ranks' inputs. Each backend hook chooses how that gradient reaches its
+owner:
 
-Memory per rank: O(N D) for the gathered views and their gradients, plus the own rows' block of
-the similarity matrix, O(B_r N), and the autograd intermediates of that block (the reference);
-never N x N.
+- the reference lets autograd give rank r's contributions to all N rows of Z, all-reduces them
+  (O(N D) traffic, the size of the forward's gather) and keeps its own rows: simple and exact
+  for every option, autograd does the work;
+- the fused kernel all-gathers every row's O(N) statistics (and upstream gradients and
+  thresholds) instead and, S being symmetric (dL/dz^_r = (1/tau) sum_j (G_rj + G_jr) z^_j),
+  forms its own rows' whole gradient from its own tile walk: O(N) traffic, no work on rows
+  it does not own.
+
+Memory per rank: O(N D) for the gathered views (and, for the reference, their gradients), plus
+O(B_r N) for the reference's block of the similarity matrix and its autograd intermediates
+(the fused kernel: O(N) statistics); never N x N.
 
 With DDP: DDP *averages* parameter gradients over the W ranks, while this loss already gives
 each rank the full gradient of the global loss for its inputs; so the parameter gradient DDP
@@ -41,13 +46,16 @@ Non-finite inputs anywhere in the global batch make every rank's loss NaN and ev
 every rank's gradients NaN (the contract's rule), without a host synchronisation.
 
 Backends: a backend joins through a ``RowsHook`` (own-rows forward + backward) in ``HOOKS``.
-Wired now: "reference" (row subsets of the PyTorch reference). "auto" takes the fastest wired
-hook for the inputs: today the reference, on every device. A backend without a hook ("triton",
-"compiled", ...) is a ValueError naming the ones that work.
+Wired: "reference" (row subsets of the PyTorch reference, every option) and "triton" (the fused
+kernels over row ranges: hard threshold, no labels, float32/float16/bfloat16, as in one
+process). "auto" takes the fused kernel for CUDA tensors whose options it covers, else the
+reference (the single-process rule). A backend without a hook ("compiled", ...) is a
+ValueError naming the ones that work.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .contract import LossOptions, make_options, prepare
+from .contract import LossOptions, Prepared, make_options, prepare
 from .reference import row_block_losses
 
 __all__ = ["adaptive_info_nce_distributed", "Shard", "RowsHook", "HOOKS"]
@@ -114,10 +122,12 @@ class Shard:
 class RowsHook(Protocol):
     """One backend's own-rows forward and backward.
 
-    ``forward(shard, z_all, z_aug_all, k_own, labels_all, options, needs_grad)``: the global
-    views (B, D) each, ``k_own`` None or the (2 B_r,) thresholds of the own rows,
-    ``labels_all`` None or the (N,) labels; returns the own rows' (2 B_r,) losses in the
-    compute dtype and whatever the backward needs.
+    ``unsupported(p)``: None, or why the backend cannot run these options (``p`` the rank's
+    prepared shard). ``forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
+    needs_grad)``: the global views (B, D) each, ``k_own`` None or the (2 B_r,) thresholds of
+    the own rows (``k_scalar`` the float when k was one), ``labels_all`` None or the (N,)
+    labels; returns the own rows' (2 B_r,) losses in the compute dtype and whatever the backward
+    needs.
     ``backward(shard, saved, u_own)``: ``u_own`` the (2 B_r,) upstream gradient of the own
     rows' losses; returns (dz (B_r, D), dz_aug (B_r, D), dk (2 B_r,) or None): the gradient of
     the global loss for this rank's inputs. It may use the shard's collectives (every rank calls
@@ -125,8 +135,10 @@ class RowsHook(Protocol):
     for per-row statistics.
     """
 
-    def forward(self, shard: Shard, z_all, z_aug_all, k_own, labels_all, options: LossOptions,
-                needs_grad: bool): ...
+    def unsupported(self, p: Prepared) -> str | None: ...
+
+    def forward(self, shard: Shard, z_all, z_aug_all, k_own, k_scalar, labels_all,
+                options: LossOptions, needs_grad: bool): ...
 
     def backward(self, shard: Shard, saved, u_own): ...
 
@@ -135,7 +147,10 @@ class ReferenceRows:
     """Row subsets of the PyTorch reference (``reference.row_block_losses``); the backward is
     autograd's, the column gradients reduced to their owners."""
 
-    def forward(self, shard, z_all, z_aug_all, k_own, labels_all, options, needs_grad):
+    def unsupported(self, p):
+        return None
+
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
         with torch.enable_grad() if needs_grad else torch.no_grad():
             leaves = [z_all.detach().requires_grad_(needs_grad), z_aug_all.detach().requires_grad_(needs_grad)]
             if k_own is not None:
@@ -154,28 +169,73 @@ class ReferenceRows:
         return own[:b], own[b:], (grads[2] if len(grads) > 2 else None)
 
 
+class TritonRows:
+    """The fused kernels over row ranges (kernels/function.py ``prepare_rows``, ``forward_rows``,
+    ``backward_rows``). Each rank prepares all N gathered rows (an O(N D) pre-pass) and computes
+    its two row ranges against every column. The backward all-gathers every row's three
+    statistics, upstream gradient and threshold (O(N) traffic, against the reference's O(N D)
+    column gradients) and, S being symmetric, forms its own rows' whole gradient: no gradient
+    of another rank's rows is computed or sent. Hard threshold, no labels (as the kernels)."""
+
+    def unsupported(self, p):
+        return backends.triton_unavailable_reason(p)
+
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
+        from .kernels import function as f
+
+        # a row's backward re-evaluates every other row's decisions: all thresholds are needed
+        k_all = None if k_own is None or k_scalar is not None else shard.gather_rows(k_own.detach())
+        b, off, r = shard.batch, shard.offset, shard.local
+        with f._on_device(z_all):
+            pr = f.prepare_rows(z_all, z_aug_all, k_all, k_scalar, options)
+            parts = [f.forward_rows(pr, options, off, off + r), f.forward_rows(pr, options, b + off, b + off + r)]
+        losses, cnt, rs, wx = (torch.cat([a, c]) for a, c in zip(*parts))
+        return losses, (pr, torch.stack([cnt, rs, wx], dim=1), k_own, options)
+
+    def backward(self, shard, saved, u_own):
+        from .kernels import function as f
+
+        pr, stats, k_own, options = saved
+        cnt, rs, wx = shard.gather_rows(stats).T.contiguous()
+        u_all = shard.gather_rows(u_own.detach().float().contiguous())
+        per_row = dataclasses.replace(options, reduction="none")  # u_all already holds 1/N for "mean"
+        b, off, r = shard.batch, shard.offset, shard.local
+        with f._on_device(pr.zs):
+            dz = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, off, off + r)
+            dza = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, b + off, b + off + r)
+        return dz, dza, (None if k_own is None else torch.zeros_like(k_own))  # the hard threshold is flat
+
+
 #: Backends with a distributed (own-rows) implementation.
-HOOKS: dict[str, RowsHook] = {"reference": ReferenceRows()}
+HOOKS: dict[str, RowsHook] = {"reference": ReferenceRows(), "triton": TritonRows()}
 
 
-def _hook(backend: str) -> RowsHook:
+def _hook(backend: str, p: Prepared) -> RowsHook:
+    """The hook of ``backend``; "auto": the fused kernel on CUDA when it covers the options,
+    else the reference (the single-process rule)."""
     backends.check_name(backend)
-    name = "reference" if backend == "auto" else backend
-    if name not in HOOKS:
+    if backend == "auto":
+        fused = p.z.is_cuda and HOOKS["triton"].unsupported(p) is None
+        return HOOKS["triton" if fused else "reference"]
+    if backend not in HOOKS:
         wired = ", ".join(map(repr, ["auto", *HOOKS]))
         raise ValueError(f"backend={backend!r} has no distributed implementation yet; use one of {wired}")
-    return HOOKS[name]
+    reason = HOOKS[backend].unsupported(p)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
+    return HOOKS[backend]
 
 
 class _GlobalBatchLoss(torch.autograd.Function):
-    """apply(z, z_aug, k_own, shard, labels_all, options, hook, needs_grad) -> the global loss
-    (reduction "mean"/"sum") or the own rows' losses ("none")."""
+    """apply(z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad) -> the
+    global loss (reduction "mean"/"sum") or the own rows' losses ("none")."""
 
     @staticmethod
-    def forward(ctx, z, z_aug, k_own, shard, labels_all, options, hook, needs_grad):
+    def forward(ctx, z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad):
         z_all = shard.gather(z.detach())
         z_aug_all = shard.gather(z_aug.detach())
-        losses, saved = hook.forward(shard, z_all, z_aug_all, k_own, labels_all, options, needs_grad)
+        losses, saved = hook.forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
+                                     needs_grad)
         ctx.shard, ctx.hook, ctx.saved, ctx.options = shard, hook, saved, options
         ctx.n = 2 * shard.batch
         ctx.finite = torch.isfinite(z_all).all() & torch.isfinite(z_aug_all).all()
@@ -198,7 +258,7 @@ class _GlobalBatchLoss(torch.autograd.Function):
         ctx.saved = None
         nan = torch.tensor(float("nan"), dtype=dz.dtype, device=dz.device)
         dz, dza = torch.where(ctx.finite, dz, nan), torch.where(ctx.finite, dza, nan)
-        return dz, dza, dk, None, None, None, None, None
+        return dz, dza, dk, None, None, None, None, None, None
 
 
 def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bool, has_labels: bool) -> Shard:
@@ -259,7 +319,7 @@ def adaptive_info_nce_distributed(
         labels: None or this rank's integer labels, (B_r,) or (2 B_r,) as k; compared with
             every rank's labels (they are all-gathered).
         temperature ... reduction: as ``adaptive_info_nce``; "mean" divides by the global N.
-        backend: "auto" or a backend with a distributed hook (``HOOKS``; now "reference").
+        backend: "auto" or a backend with a distributed hook (``HOOKS``: "reference", "triton").
         group: the process group (None: the default group).
 
     Returns:
@@ -270,10 +330,11 @@ def adaptive_info_nce_distributed(
         temperature=temperature, normalize=normalize, denominator=denominator, weighting=weighting,
         positive_weight=positive_weight, threshold=threshold, threshold_scale=threshold_scale,
         reduction=reduction)
-    hook = _hook(backend)
     p = prepare(z, z_aug, k, labels, options, min_batch=0)
+    hook = _hook(backend, p)
     shard = _shard(z, group, options, backend, k is not None, labels is not None)
     labels_all = None if p.labels_rows is None else shard.gather_rows(p.labels_rows)
     inputs = [z, z_aug] + ([p.k_rows] if p.k_rows is not None else [])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    return _GlobalBatchLoss.apply(z, z_aug, p.k_rows, shard, labels_all, options, hook, needs_grad)
+    return _GlobalBatchLoss.apply(z, z_aug, p.k_rows, p.k_scalar, shard, labels_all, options, hook,
+                                  needs_grad)

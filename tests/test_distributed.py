@@ -37,8 +37,11 @@ def test_needs_an_initialised_group():
 def test_unwired_backend_is_named():
     from adaptive_cl.distributed import adaptive_info_nce_distributed
 
-    with pytest.raises(ValueError, match="backend='triton' has no distributed implementation.*'reference'"):
-        adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2), backend="triton")
+    with pytest.raises(ValueError, match="backend='compiled' has no distributed implementation.*'reference'"):
+        adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2), backend="compiled")
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs"):
+        adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2), labels=torch.arange(3),
+                                      backend="triton")
 
 
 def test_ddp_example_trains_like_one_process():
