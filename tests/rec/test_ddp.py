@@ -107,6 +107,6 @@ def test_methods_without_shares_are_refused():
     for method in ("rcl", "mclrec"):
         with pytest.raises(ValueError, match=f"method '{method}' does not train data-parallel"):
             DataParallel.check_config(TrainConfig(method=method, simthres="none"))
-    with pytest.raises(ValueError, match="loss_backend='triton' has no distributed"):
-        DataParallel.check_config(TrainConfig(loss_backend="triton"))
+    with pytest.raises(ValueError, match="loss_backend='compiled' has no distributed"):
+        DataParallel.check_config(TrainConfig(loss_backend="compiled"))
     DataParallel.check_config(TrainConfig())
