@@ -1,13 +1,15 @@
 """Backend registry: which implementations exist and which one ``backend="auto"`` picks.
 
 A backend is a function ``Prepared -> Tensor`` computing the reduced loss. ``"auto"`` takes the
-fused Triton kernel for CUDA tensors whose options the kernel covers, and the reference
-otherwise (on CPU the reference's dense matmuls beat Triton's interpreter by far).
+fused Triton kernel for CUDA tensors whose options the kernel covers, the fused C++ extension
+(``"cpu"``, built on first use) for CPU tensors, and the reference otherwise; where the
+extension cannot be built, CPU tensors fall back to the reference with one warning.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 from .contract import Prepared
@@ -15,7 +17,7 @@ from .reference import adaptive_info_nce_reference
 
 Backend = Callable[[Prepared], "torch.Tensor"]  # noqa: F821
 
-BACKENDS = ("auto", "reference", "compiled", "triton")
+BACKENDS = ("auto", "reference", "compiled", "triton", "cpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,6 +44,32 @@ def triton_unavailable_reason(p: Prepared) -> str | None:
     return kernels.unsupported_reason(p)
 
 
+def cpu_unavailable_reason(p: Prepared) -> str | None:
+    """Why ``backend="cpu"`` cannot run these inputs, or None when it can (builds it once)."""
+    from . import cpu
+
+    return cpu.unsupported_reason(p)
+
+
+_fallback_warned = False
+
+
+def _cpu_or_reference(p: Prepared) -> Backend:
+    """auto on CPU: the extension, or the reference with one warning per process if it failed
+    to build (silently when the user turned it off)."""
+    global _fallback_warned
+    from . import cpu
+
+    reason = cpu.unsupported_reason(p)
+    if reason is None:
+        return cpu.adaptive_info_nce_cpu
+    if not cpu.disabled() and not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"adaptive_cl: using the PyTorch reference on CPU: {reason}. "
+                      f"Set {cpu.build.DISABLE_ENV}=0 to silence this.", RuntimeWarning, stacklevel=4)
+    return adaptive_info_nce_reference
+
+
 def check_name(name: object) -> str:
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {name!r}")
@@ -62,9 +90,20 @@ def resolve(name: str, p: Prepared) -> Backend:
         from .kernels import adaptive_info_nce_triton
 
         return adaptive_info_nce_triton
-    # auto: the fused kernel on CUDA when it covers the options, else the exact reference.
+    if name == "cpu":
+        from . import cpu
+
+        if p.z.device.type != "cpu":
+            raise ValueError(f"backend='cpu' is not available: {cpu.unsupported_reason(p)}")
+        reason = cpu.load_error()
+        if reason is not None:
+            raise RuntimeError(f"backend='cpu' is not available: {reason}")
+        return cpu.adaptive_info_nce_cpu
+    # auto: the fused kernel on CUDA when it covers the options, the C++ extension on CPU.
     if p.z.is_cuda and triton_unavailable_reason(p) is None:
         from .kernels import adaptive_info_nce_triton
 
         return adaptive_info_nce_triton
+    if p.z.device.type == "cpu":
+        return _cpu_or_reference(p)
     return adaptive_info_nce_reference

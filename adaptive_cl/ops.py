@@ -14,9 +14,9 @@ Two ops, with these schemas (stable: a change gets a new overload name)::
 
 Arguments are those of :func:`adaptive_cl.adaptive_info_nce`, validated the same way, with the
 threshold split in two: ``k`` a tensor (0-d, (B,) or (N,)) or ``k_value`` a float (not both).
-``loss`` is what ``adaptive_info_nce`` returns. ``row_stats`` is a float32 ``(S, N)`` tensor of
-per-row statistics that the backend's backward consumes (S = 3 for the fused kernels, 0 for
-backends that recompute);
+``loss`` is what ``adaptive_info_nce`` returns. ``row_stats`` is an ``(S, N)`` tensor of per-row
+statistics that the backend's backward consumes (float32 S = 3 for the Triton kernels, S = 4 in
+the compute dtype for the C++ extension, S = 0 for backends that recompute);
 it is private to the backend: read only ``loss``. ``dk`` has ``k``'s shape, or shape (0,) when
 ``k`` is None. ``backend`` is a name of ``adaptive_cl.backends.BACKENDS``; "auto" resolves
 inside the op by the same metadata-only rule as in eager mode.
@@ -32,6 +32,8 @@ How each backend runs inside the op:
 - the Triton kernel (``backend="triton"``, or "auto" on CUDA): the forward returns its per-row
   statistics (|A(i)| and the backward's two per-row factors) as ``row_stats``; the backward
   reads them and recomputes only the O(N D) row preparation (a pre-pass), not the N^2 work.
+- the C++ extension (``backend="cpu"``, or "auto" on CPU where it builds): its forward's (4, N)
+  statistics go to its backward; nothing recomputed.
 - every other backend (the reference, its ``torch.compile`` form, backends added later): the
   forward runs without autograd; the backward re-runs it under ``torch.func.vjp``. (Plain
   autograd cannot record inside an op implementation: the dispatcher has already stepped
@@ -98,8 +100,8 @@ class _Recompute:
     backward by ``torch.func.vjp`` of a second forward."""
 
     @staticmethod
-    def stats_rows(p: Prepared) -> int:
-        return 0
+    def stats_meta(p: Prepared) -> tuple[int, torch.dtype]:
+        return 0, torch.float32
 
     @staticmethod
     def forward(fn, p: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +128,8 @@ class _Triton:
     as ``row_stats``; the backward recomputes the O(N D) row preparation, not the N^2 work."""
 
     @staticmethod
-    def stats_rows(p: Prepared) -> int:
-        return 3
+    def stats_meta(p: Prepared) -> tuple[int, torch.dtype]:
+        return 3, torch.float32
 
     @staticmethod
     def forward(fn, p: Prepared):
@@ -150,9 +152,74 @@ class _Triton:
         return dz, dza, dk
 
 
+class _CPU:
+    """The fused C++ extension (adaptive_cl/cpu): its forward returns (4, N) per-row statistics
+    in the compute dtype, which its backward reads; nothing is recomputed. (Its autograd
+    Function cannot run under torch.func, so the recompute adapter would not do.)"""
+
+    @staticmethod
+    def stats_meta(p: Prepared) -> tuple[int, torch.dtype]:
+        return 4, p.compute_dtype
+
+    @staticmethod
+    def _inputs(z, z_aug):
+        # half types are computed in float32, as adaptive_info_nce_cpu does
+        return (z, z_aug) if z.dtype in (torch.float32, torch.float64) else (z.float(), z_aug.float())
+
+    @classmethod
+    def forward(cls, fn, p: Prepared):
+        from .cpu.build import extension
+        from .cpu.function import _REDUCTION_CODE, _option_args
+
+        z, z_aug = cls._inputs(p.z, p.z_aug)
+        return extension().forward(z, z_aug, p.k_rows, p.labels_rows, *_option_args(p.options),
+                                   _REDUCTION_CODE[p.options.reduction])
+
+    @classmethod
+    def backward(cls, fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
+        from .cpu.build import extension
+        from .cpu.function import _option_args
+
+        p = _prepare(z, z_aug, k, k_value, labels, options)
+        zc, zac = cls._inputs(z, z_aug)
+        n = 2 * p.batch
+        grad = grad.to(zc.dtype)
+        if options.reduction == "none":
+            u = grad.contiguous()
+        else:  # the reduction's factor and the upstream gradient as one weight per row
+            u = (grad / n if options.reduction == "mean" else grad).reshape(1).expand(n).contiguous()
+        soft_k = k is not None and options.threshold == "soft"
+        dz, dza, dk_rows = extension().backward(zc, zac, p.k_rows, p.labels_rows, row_stats, u,
+                                                *_option_args(options), soft_k)
+        if k is None:
+            dk = z.new_empty((0,))
+        elif soft_k:
+            dk = _fold_rows(dk_rows, k)
+        else:
+            dk = torch.zeros_like(k)  # the hard threshold is flat
+        return dz.to(z.dtype), dza.to(z_aug.dtype), dk
+
+
+def _fold_rows(dk_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A gradient for the N row thresholds, in the shape the caller gave k: 0-d (every row
+    shares it), (B,) (rows i and i + B share k[i]) or (N,)."""
+    b = dk_rows.shape[0] // 2
+    if k.dim() == 0:
+        folded = dk_rows.sum()
+    elif k.shape[0] == b:
+        folded = dk_rows[:b] + dk_rows[b:]
+    else:
+        folded = dk_rows.clone()
+    return folded.to(k.dtype)
+
+
 def _adapter(fn):
     """The op adapter of a resolved backend function: split forward/backward for the fused
-    kernels, recompute-by-vjp for everything else."""
+    backends, recompute-by-vjp for everything else."""
+    from . import cpu
+
+    if fn is cpu.adaptive_info_nce_cpu:
+        return _CPU
     try:
         from .kernels import adaptive_info_nce_triton
     except ImportError:
@@ -178,8 +245,8 @@ if AVAILABLE:
         options = _options(temperature, normalize, denominator, weighting, positive_weight,
                            threshold, threshold_scale, reduction)
         p = _prepare(z, z_aug, k, k_value, labels, options)
-        rows = _adapter(backends.resolve(backend, p)).stats_rows(p)
-        return _loss_like(p), z.new_empty((rows, 2 * p.batch), dtype=torch.float32)
+        rows, dtype = _adapter(backends.resolve(backend, p)).stats_meta(p)
+        return _loss_like(p), z.new_empty((rows, 2 * p.batch), dtype=dtype)
 
     @torch.library.custom_op("adaptive_cl::info_nce_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
     def info_nce_backward_op(grad, z, z_aug, k, k_value, labels, row_stats, temperature, normalize,

@@ -28,10 +28,13 @@ def test_module_matches_functional():
     assert "weighting='unit'" in repr(module)
 
 
-def test_auto_uses_reference_on_cpu():
+def test_auto_on_cpu_uses_the_extension_or_the_reference():
+    from adaptive_cl import cpu
+
     z, z_aug = views(4, 3)
     p = prepare(z.float(), z_aug.float(), 0.3, None, make_options())
-    assert resolve("auto", p) is adaptive_info_nce_reference
+    expected = cpu.adaptive_info_nce_cpu if cpu.load_error() is None else adaptive_info_nce_reference
+    assert resolve("auto", p) is expected  # tests/cpu/ covers both branches
 
 
 def test_gradients_reach_module_inputs():

@@ -31,6 +31,17 @@ def _triton_missing() -> str | None:
     return triton_unavailable_reason(prepare(z, z, None, None, make_options()))
 
 
+def _missing(backend: str) -> str | None:
+    """Why a backend cannot run on this machine (None: it can)."""
+    if backend == "triton":
+        return _triton_missing()
+    if backend == "cpu":
+        from adaptive_cl import cpu
+
+        return cpu.load_error()
+    return None
+
+
 class Encoder(nn.Module):
     """A small model whose forward ends in the loss, as users compile it."""
 
@@ -76,11 +87,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+CASES["cpu"] = CASES["reference"]  # the C++ extension covers every option
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 def test_fullgraph_compile_matches_eager(backend):
-    if backend == "triton" and _triton_missing():
-        pytest.skip(_triton_missing())
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    if _missing(backend):
+        pytest.skip(_missing(backend))
+    dtype = torch.float32 if backend == "triton" else torch.float64
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     torch.manual_seed(0)
     x, x_aug = views(6, 4, dtype=dtype, seed=3, device=device)
@@ -139,7 +153,7 @@ def _op_args(z, z_aug, k=None, k_value=None, labels=None, backend="reference", *
 
 
 def _opcheck_samples(backend):
-    dtype = torch.float64 if backend in ("reference", "compiled") else torch.float32
+    dtype = torch.float32 if backend == "triton" else torch.float64
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     z, z_aug = views(5, 3, dtype=dtype, seed=7, device=device)
     z.requires_grad_(True)
@@ -152,17 +166,17 @@ def _opcheck_samples(backend):
     yield _op_args(z, z_aug, k_value=value, backend=backend)
     yield _op_args(z, z_aug, k=k_n, backend=backend, reduction="none", denominator="all")
     yield _op_args(z, z_aug, backend=backend, normalize=False, reduction="sum", temperature=2.0)
-    if backend == "reference":
+    if backend in ("reference", "cpu"):
         labels = torch.tensor([0, 1, 0, 2, 1])
         yield _op_args(z, z_aug, k=k_b.clone().requires_grad_(True), labels=labels, backend=backend,
                        threshold="soft", weighting="unit", positive_weight=0.3)
         yield _op_args(z, z_aug, labels=labels.repeat(2), backend=backend, reduction="none")
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton", "cpu"])
 def test_opcheck(backend):
-    if backend == "triton" and _triton_missing():
-        pytest.skip(_triton_missing())
+    if _missing(backend):
+        pytest.skip(_missing(backend))
     for args in _opcheck_samples(backend):
         torch.library.opcheck(torch.ops.adaptive_cl.info_nce.default, args)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..backends import BACKENDS
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
 from .ddp import DataParallel
@@ -221,7 +222,7 @@ class TrainConfig:
                        threshold=("hard", "soft"), ties=TIES, rcl_ngram=NGRAMS,
                        rcl_weighting=RCL_WEIGHTINGS, mclrec_regularizer=REGULARIZERS,
                        mclrec_update=UPDATES,
-                       loss_backend=("auto", "reference", "compiled", "triton"))
+                       loss_backend=BACKENDS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

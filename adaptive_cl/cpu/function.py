@@ -1,0 +1,61 @@
+"""``AdaptiveInfoNCECPUFunction``: the autograd wrapper around the C++ forward and backward.
+
+Forward: one extension call returns the reduced loss and four O(N) statistics per row (the
+log-sum-exp's shift and log, |A(i)|, and sum_A (LSE - s)); the Function saves those and its
+inputs, never an N x N tensor. Backward: one extension call; the reduction's factor and the
+upstream gradient become one (N,) vector of per-row weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..contract import LossOptions
+from .build import extension
+
+_REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
+
+
+def _option_args(o: LossOptions) -> tuple:
+    return (o.temperature, o.normalize, o.denominator == "all", o.weighting == "unit",
+            o.positive_weight, o.threshold == "soft", o.threshold_scale)
+
+
+class AdaptiveInfoNCECPUFunction(torch.autograd.Function):
+    """apply(z, z_aug, k_rows, labels_rows, options) -> the loss in z's dtype (float32/float64).
+
+    ``k_rows``: None or the (N,) thresholds in z's dtype (zero gradient for the hard threshold,
+    SPEC.md's soft gradient for ``threshold="soft"``); ``labels_rows``: None or (N,) int64.
+    Differentiable once."""
+
+    @staticmethod
+    def forward(ctx, z, z_aug, k_rows, labels_rows, options: LossOptions):
+        ext = extension()
+        loss, stats = ext.forward(z, z_aug, k_rows, labels_rows, *_option_args(options),
+                                  _REDUCTION_CODE[options.reduction])
+        ctx.save_for_backward(z, z_aug, k_rows, labels_rows, stats)
+        ctx.options = options
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        z, z_aug, k_rows, labels_rows, stats = ctx.saved_tensors
+        o = ctx.options
+        n = 2 * z.shape[0]
+        grad = grad.to(z.dtype)
+        if o.reduction == "none":
+            u = grad
+        else:
+            u = (grad / n if o.reduction == "mean" else grad).reshape(1).expand(n)
+        need_zs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_k = ctx.needs_input_grad[2]
+        dz = dza = dk = None
+        if need_zs or (need_k and o.threshold == "soft"):
+            dz, dza, dk = extension().backward(z, z_aug, k_rows, labels_rows, stats, u,
+                                               *_option_args(o), need_k)
+        if need_k and o.threshold == "hard":
+            dk = torch.zeros_like(k_rows)  # the hard threshold is flat in k (SPEC.md)
+        return (dz if ctx.needs_input_grad[0] else None, dza if ctx.needs_input_grad[1] else None,
+                dk if need_k else None, None, None)

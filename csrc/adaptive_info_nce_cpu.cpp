@@ -1,0 +1,392 @@
+// Fused CPU forward and backward of the AdaptiveRec InfoNCE (SPEC.md; contract in adaptive_cl/).
+//
+// Work is split into blocks of BM rows; a task owns its rows and walks every column tile of BN
+// columns in order, so nothing N x N is stored (per task: one BM x BN tile), each output row is
+// written by one task only, and every row's reductions run over the columns in the same fixed
+// order whatever the number of threads: 1 and 2 threads give the same bits.
+//   forward : tile = Zhat_I Zhat_J^T, then per row the log-sum-exp, |A(i)|, sum_A and the partner
+//             (loss_terms.h), then the row's loss from those four numbers.
+//   backward: S is symmetric, so dL/dzhat_I = sum_J (G_IJ + G_JI^T) Zhat_J (KERNEL-NOTES §1): the
+//             same tile gives row I's gradient entries and, with the column rows' statistics,
+//             row J's; one pass, two products per tile, then F.normalize's Jacobian per row.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "loss_terms.h"
+#include "normalize.h"
+#include "tiles.h"
+
+namespace adaptive_cl_cpu {
+
+struct Options {
+  double tau, alpha, beta;
+  bool normalize, den_all, unit, soft;
+};
+
+// exp(s - 1/tau) >= exp(-2/tau) must stay a normal number for the fixed shift (loss_terms.h).
+template <typename T>
+bool fixed_shift(const Options& o) {
+  return o.normalize && o.tau >= (sizeof(T) == 4 ? 0.03 : 0.004);
+}
+
+template <typename T>
+Consts<T> make_consts(const Options& o, bool has_labels) {
+  Consts<T> cs;
+  cs.invtau = static_cast<T>(1.0 / o.tau);
+  cs.alpha = static_cast<T>(o.alpha);
+  cs.inv_beta = static_cast<T>(1.0 / o.beta);
+  cs.log_alpha = static_cast<T>(std::log(o.alpha));
+  cs.log1m_alpha = static_cast<T>(o.alpha < 1.0 ? std::log1p(-o.alpha) : 0.0);  // "unit" has alpha < 1
+  cs.den_all = o.den_all;
+  cs.unit = o.unit;
+  cs.has_labels = has_labels;
+  return cs;
+}
+
+// k and labels padded to n_pad, so tiles read column values without bounds checks.
+template <typename T>
+struct RowInputs {
+  std::vector<T> k;
+  std::vector<int64_t> labels;
+};
+
+template <typename T>
+RowInputs<T> row_inputs(const c10::optional<at::Tensor>& k_rows, const c10::optional<at::Tensor>& labels,
+                        int64_t n, int64_t n_pad) {
+  RowInputs<T> in;
+  in.k.assign(n_pad, T(0));
+  if (k_rows.has_value()) {
+    const T* kp = k_rows->data_ptr<T>();
+    const int64_t sk = k_rows->stride(0);
+    for (int64_t i = 0; i < n; ++i) in.k[i] = kp[i * sk];
+  }
+  if (labels.has_value()) {
+    in.labels.assign(n_pad, 0);
+    const int64_t* lp = labels->data_ptr<int64_t>();
+    const int64_t sl = labels->stride(0);
+    for (int64_t i = 0; i < n; ++i) in.labels[i] = lp[i * sl];
+  }
+  return in;
+}
+
+inline int64_t partner_of(int64_t i, int64_t b) { return i < b ? i + b : i - b; }
+
+// A tile needs the masked code when it holds a row's own column, its partner's, or padding.
+inline bool tile_is_special(int64_t i0, int64_t rows, int64_t j0, int64_t bn, int64_t n, int64_t b) {
+  if (j0 + bn > n) return true;
+  for (int64_t i = i0; i < i0 + rows; ++i) {
+    const int64_t p = partner_of(i, b);
+    if ((i >= j0 && i < j0 + bn) || (p >= j0 && p < j0 + bn)) return true;
+  }
+  return false;
+}
+
+template <typename T>
+RowIn<T> row_in(const RowInputs<T>& in, int64_t i, int64_t j0, int64_t n, int64_t b, bool special,
+                MaskInt<T>* lmask) {
+  using C = Tiling<T>;
+  RowIn<T> ri;
+  ri.k = in.k[i];
+  ri.nvalid = std::min<int64_t>(C::BN, n - j0);
+  if (special) {
+    const int64_t p = partner_of(i, b);
+    ri.self = (i >= j0 && i < j0 + C::BN) ? i - j0 : -1;
+    ri.partner = (p >= j0 && p < j0 + C::BN) ? p - j0 : -1;
+  }
+  if (!in.labels.empty()) {
+    const int64_t li = in.labels[i];
+    const int64_t* lj = in.labels.data() + j0;
+    for (int64_t j = 0; j < C::BN; ++j) lmask[j] = lj[j] == li ? MaskInt<T>(-1) : MaskInt<T>(0);
+    ri.labels = lmask;
+  }
+  return ri;
+}
+
+// Runs fn(NORM, FIXED, KIND) with the options as compile-time constants (9 specialisations).
+template <typename Fn>
+void dispatch_options(bool norm, bool fixed, int kind, Fn&& fn) {
+  auto with_kind = [&](auto nc, auto fc) {
+    switch (kind) {
+      case kNone: fn(nc, fc, std::integral_constant<int, kNone>{}); break;
+      case kHard: fn(nc, fc, std::integral_constant<int, kHard>{}); break;
+      default: fn(nc, fc, std::integral_constant<int, kSoft>{}); break;
+    }
+  };
+  if (!norm) {
+    with_kind(std::false_type{}, std::false_type{});
+  } else if (!fixed) {
+    with_kind(std::true_type{}, std::false_type{});
+  } else {
+    with_kind(std::true_type{}, std::true_type{});
+  }
+}
+
+template <typename T, bool NORM, bool FIXED, int KIND>
+void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>& cs, T* loss, T* stats) {
+  using C = Tiling<T>;
+  const int64_t n = pk.n, b = pk.b;
+  const int64_t nblocks = (n + C::BM - 1) / C::BM;
+  at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> tile(C::BM * C::BN), l(C::BM * C::V), m(C::BM * C::V), p(C::BM * C::V);
+    std::vector<T> mx(C::BM), cp(C::BM);
+    std::vector<MaskInt<T>> lmask(C::BN);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t i0 = blk * C::BM;
+      const int64_t rows = std::min<int64_t>(C::BM, n - i0);
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(m.begin(), m.end(), T(0));
+      std::fill(p.begin(), p.end(), T(0));
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<T>::infinity());
+      std::fill(cp.begin(), cp.end(), T(0));
+      for (int64_t j0 = 0; j0 < pk.n_pad; j0 += C::BN) {
+        similarity_tile<T>(pk.zhat, pk.dp, pk.panels, pk.d, i0, j0, tile.data());
+        const bool special = tile_is_special(i0, rows, j0, C::BN, n, b);
+        for (int64_t r = 0; r < rows; ++r) {
+          const RowIn<T> ri = row_in(in, i0 + r, j0, n, b, special, lmask.data());
+          FwdRow<T> acc{&l[r * C::V], &m[r * C::V], &p[r * C::V], mx[r], cp[r]};
+          if (special)
+            forward_row_tile<T, NORM, FIXED, KIND, true>(tile.data() + r * C::BN, ri, cs, acc);
+          else
+            forward_row_tile<T, NORM, FIXED, KIND, false>(tile.data() + r * C::BN, ri, cs, acc);
+          mx[r] = acc.max;
+          cp[r] = acc.c_partner;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        FwdRow<T> acc{&l[r * C::V], &m[r * C::V], &p[r * C::V], mx[r], cp[r]};
+        loss[i] = finish_row<T, FIXED>(acc, cs, stats + i, stats + n + i, stats + 2 * n + i, stats + 3 * n + i);
+      }
+    }
+  });
+}
+
+template <typename T, bool NORM, bool FIXED, int KIND>
+void backward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Coefs<T>& cf, const Consts<T>& cs,
+                     T wp, T* dz, T* dza, T* dk) {
+  using C = Tiling<T>;
+  using Vec = Vectorized<T>;
+  const int64_t n = pk.n, b = pk.b, d = pk.d, dp = pk.dp;
+  const int64_t nblocks = (n + C::BM - 1) / C::BM;
+  const auto& nm = pk.norms;
+  at::parallel_for(0, nblocks, 1, [&](int64_t blk0, int64_t blk1) {
+    std::vector<T> tile(C::BM * C::BN), dacc(C::BM * dp), dkl(C::BM * C::V);
+    std::vector<MaskInt<T>> lmask(C::BN);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t i0 = blk * C::BM;
+      const int64_t rows = std::min<int64_t>(C::BM, n - i0);
+      std::fill(dacc.begin(), dacc.end(), T(0));
+      std::fill(dkl.begin(), dkl.end(), T(0));
+      for (int64_t j0 = 0; j0 < pk.n_pad; j0 += C::BN) {
+        similarity_tile<T>(pk.zhat, pk.dp, pk.panels, pk.d, i0, j0, tile.data());
+        const bool special = tile_is_special(i0, rows, j0, C::BN, n, b);
+        for (int64_t r = 0; r < C::BM; ++r) {
+          T* hrow = tile.data() + r * C::BN;
+          if (r >= rows) {  // padding rows of the last block: no gradient
+            std::fill(hrow, hrow + C::BN, T(0));
+            continue;
+          }
+          const int64_t i = i0 + r;
+          const RowIn<T> ri = row_in(in, i, j0, n, b, special, lmask.data());
+          const CoefVec<T> ci = row_coefs(cf, i);
+          Vec dkv = Vec::loadu(&dkl[r * C::V]);
+          if (special)
+            backward_row_tile<T, NORM, FIXED, KIND, true>(hrow, ri, ci, cf, j0, cs, wp, dkv);
+          else
+            backward_row_tile<T, NORM, FIXED, KIND, false>(hrow, ri, ci, cf, j0, cs, wp, dkv);
+          dkv.store(&dkl[r * C::V]);
+        }
+        accumulate_tile<T>(tile.data(), pk.zhat, dp, j0, dacc.data());
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        T* out = i < b ? dz + i * d : dza + (i - b) * d;
+        normalize_backward_row<T>(pk.zhat + i * dp, &dacc[r * dp], d, NORM, nm.nrm[i], nm.ex[i], nm.tiny[i], out);
+        if (KIND == kSoft && dk != nullptr) dk[i] = -cf.u[i] * lane_sum(&dkl[r * C::V]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Entry points: argument checks, then the dtype and option dispatch.
+
+Options make_options(double tau, bool normalize, bool den_all, bool unit, double alpha, bool soft, double beta) {
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "temperature must be finite and > 0; got ", tau);
+  TORCH_CHECK(alpha > 0 && alpha <= 1, "positive_weight must be in (0, 1]; got ", alpha);
+  TORCH_CHECK(!unit || alpha < 1, "positive_weight must be < 1 with weighting='unit'; got ", alpha);
+  TORCH_CHECK(!soft || (std::isfinite(beta) && beta > 0), "threshold_scale must be finite and > 0; got ", beta);
+  return Options{tau, alpha, beta, normalize, den_all, unit, soft};
+}
+
+void check_inputs(const at::Tensor& z, const at::Tensor& z_aug, const c10::optional<at::Tensor>& k_rows,
+                  const c10::optional<at::Tensor>& labels, bool soft) {
+  TORCH_CHECK(z.device().is_cpu() && z_aug.device().is_cpu(), "z and z_aug must be CPU tensors; got ",
+              z.device(), " and ", z_aug.device());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+              "z must be float32 or float64 (other dtypes are cast by the Python side); got ", z.scalar_type());
+  TORCH_CHECK(z_aug.scalar_type() == z.scalar_type(), "z_aug must have z's dtype ", z.scalar_type(), "; got ",
+              z_aug.scalar_type());
+  TORCH_CHECK(z.dim() == 2 && z_aug.sizes() == z.sizes(), "z and z_aug must both have shape (B, D); got ",
+              z.sizes(), " and ", z_aug.sizes());
+  TORCH_CHECK(z.size(0) >= 2 && z.size(1) >= 1, "z must have B >= 2 rows and D >= 1 columns; got ", z.sizes());
+  const int64_t n = 2 * z.size(0);
+  if (k_rows.has_value()) {
+    TORCH_CHECK(k_rows->device().is_cpu() && k_rows->scalar_type() == z.scalar_type() && k_rows->dim() == 1 &&
+                    k_rows->size(0) == n,
+                "k_rows must be a CPU tensor of z's dtype and shape (N,)=(", n, ",); got ", k_rows->scalar_type(),
+                " ", k_rows->sizes());
+  }
+  TORCH_CHECK(!soft || k_rows.has_value(), "threshold='soft' needs a threshold k");
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->device().is_cpu() && labels->scalar_type() == at::kLong && labels->dim() == 1 &&
+                    labels->size(0) == n,
+                "labels must be a CPU int64 tensor of shape (N,)=(", n, ",); got ", labels->scalar_type(), " ",
+                labels->sizes());
+  }
+}
+
+int kind_of(const c10::optional<at::Tensor>& k_rows, bool soft) {
+  if (!k_rows.has_value()) return kNone;
+  return soft ? kSoft : kHard;
+}
+
+// Returns (loss, stats): loss reduced as asked (0 "mean", 1 "sum", 2 "none": the N row losses),
+// stats the (4, N) per-row statistics the backward reads (shift, log l, m, T).
+std::vector<at::Tensor> forward(const at::Tensor& z, const at::Tensor& z_aug, const c10::optional<at::Tensor>& k_rows,
+                                const c10::optional<at::Tensor>& labels, double tau, bool normalize, bool den_all,
+                                bool unit, double alpha, bool soft, double beta, int64_t reduction) {
+  check_inputs(z, z_aug, k_rows, labels, soft);
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction code must be 0 (mean), 1 (sum) or 2 (none); got ",
+              reduction);
+  const Options o = make_options(tau, normalize, den_all, unit, alpha, soft, beta);
+  const int64_t n = 2 * z.size(0);
+  at::Tensor rows = at::empty({n}, z.options());
+  at::Tensor stats = at::empty({4, n}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_forward", [&] {
+    using T = scalar_t;
+    const Packed<T> pk = pack_rows<T>(z, z_aug, o.normalize);
+    if (!pk.norms.finite) {  // the contract: any non-finite input makes every row NaN
+      rows.fill_(std::numeric_limits<double>::quiet_NaN());
+      stats.fill_(std::numeric_limits<double>::quiet_NaN());
+      return;
+    }
+    const RowInputs<T> in = row_inputs<T>(k_rows, labels, n, pk.n_pad);
+    const Consts<T> cs = make_consts<T>(o, labels.has_value());
+    dispatch_options(o.normalize, fixed_shift<T>(o), kind_of(k_rows, soft), [&](auto nc, auto fc, auto kc) {
+      forward_blocks<T, decltype(nc)::value, decltype(fc)::value, decltype(kc)::value>(
+          pk, in, cs, rows.data_ptr<T>(), stats.data_ptr<T>());
+    });
+  });
+  if (reduction == 2) return {rows, stats};
+  // Fixed-order sum in float64 (N terms; torch's parallel sum could depend on the thread count).
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_reduce", [&] {
+    const scalar_t* rp = rows.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) total += static_cast<double>(rp[i]);
+  });
+  if (reduction == 0) total /= static_cast<double>(n);
+  return {at::scalar_tensor(total, z.options()), stats};
+}
+
+// Returns (dz, dz_aug, dk_rows): dk_rows is (N,) for the soft threshold when need_dk, else empty.
+// u: the (N,) upstream gradient of each row's loss (the reduction's factor folded in).
+std::vector<at::Tensor> backward(const at::Tensor& z, const at::Tensor& z_aug, const c10::optional<at::Tensor>& k_rows,
+                                 const c10::optional<at::Tensor>& labels, const at::Tensor& stats, const at::Tensor& u,
+                                 double tau, bool normalize, bool den_all, bool unit, double alpha, bool soft,
+                                 double beta, bool need_dk) {
+  check_inputs(z, z_aug, k_rows, labels, soft);
+  const Options o = make_options(tau, normalize, den_all, unit, alpha, soft, beta);
+  const int64_t b = z.size(0), d = z.size(1), n = 2 * b;
+  TORCH_CHECK(stats.scalar_type() == z.scalar_type() && stats.dim() == 2 && stats.size(0) == 4 &&
+                  stats.size(1) == n && stats.is_contiguous(),
+              "stats must be the forward's contiguous (4, N) tensor; got ", stats.sizes());
+  TORCH_CHECK(u.scalar_type() == z.scalar_type() && u.dim() == 1 && u.size(0) == n,
+              "u must be an (N,) tensor of z's dtype; got ", u.scalar_type(), " ", u.sizes());
+  at::Tensor dz = at::empty({b, d}, z.options());
+  at::Tensor dza = at::empty({b, d}, z.options());
+  const bool want_dk = need_dk && soft;
+  at::Tensor dk = want_dk ? at::empty({n}, z.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_backward", [&] {
+    using T = scalar_t;
+    const Packed<T> pk = pack_rows<T>(z, z_aug, o.normalize);
+    if (!pk.norms.finite) {
+      const double nan = std::numeric_limits<double>::quiet_NaN();
+      dz.fill_(nan);
+      dza.fill_(nan);
+      if (want_dk) dk.fill_(nan);
+      return;
+    }
+    const RowInputs<T> in = row_inputs<T>(k_rows, labels, n, pk.n_pad);
+    const Consts<T> cs = make_consts<T>(o, labels.has_value());
+    const bool fixed = fixed_shift<T>(o);
+    // Per-row coefficients of G (loss_terms.h), padded with zeros to n_pad.
+    const int64_t np = pk.n_pad;
+    std::vector<T> ca(7 * np, T(0));
+    Coefs<T> cf{in.k.data(), ca.data(), ca.data() + np, ca.data() + 2 * np, ca.data() + 3 * np,
+                ca.data() + 4 * np, ca.data() + 5 * np, ca.data() + 6 * np};
+    T* cu = ca.data();
+    T* cut = cu + np;
+    T* cr = cu + 2 * np;
+    T* ckappa = cu + 3 * np;
+    T* clambda = cu + 4 * np;
+    T* clogl = cu + 5 * np;
+    T* cshift = cu + 6 * np;
+    const T* st = stats.data_ptr<T>();
+    const T* up = u.data_ptr<T>();
+    const int64_t su = u.stride(0);
+    const T alpha_t = cs.alpha;
+    for (int64_t i = 0; i < n; ++i) {
+      const T shift = st[i], logl = st[n + i], m = st[2 * n + i], t = st[3 * n + i];
+      const T g = std::max(m, T(1));
+      const T w = cs.unit ? T(1) + m : alpha_t + (T(1) - alpha_t) * m / g;
+      cu[i] = up[i * su];
+      cut[i] = cu[i] * cs.invtau;
+      cr[i] = fixed ? w * std::exp(-logl) : shift + logl - std::log(w);
+      ckappa[i] = cs.unit ? T(1) : (T(1) - alpha_t) / g;
+      if (cs.unit)
+        clambda[i] = -(cs.log1m_alpha - std::log(g)) + (m > T(1) ? T(1) : T(0));
+      else
+        clambda[i] = m > T(1) ? -ckappa[i] * t / m : T(0);
+      clogl[i] = logl;
+      cshift[i] = shift;
+    }
+    const T wp = cs.unit ? T(1) : alpha_t;
+    T* dkp = want_dk ? dk.data_ptr<T>() : nullptr;
+    dispatch_options(o.normalize, fixed, kind_of(k_rows, soft), [&](auto nc, auto fc, auto kc) {
+      backward_blocks<T, decltype(nc)::value, decltype(fc)::value, decltype(kc)::value>(
+          pk, in, cf, cs, wp, dz.data_ptr<T>(), dza.data_ptr<T>(), dkp);
+    });
+  });
+  return {dz, dza, dk};
+}
+
+std::string build_info() {
+#if defined(CPU_CAPABILITY_AVX512)
+  const char* isa = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  const char* isa = "avx2";
+#elif defined(__aarch64__)
+  const char* isa = "neon";
+#else
+  const char* isa = "generic";
+#endif
+  return std::string(isa) + " float32x" + std::to_string(Tiling<float>::V) + " float64x" +
+         std::to_string(Tiling<double>::V);
+}
+
+}  // namespace adaptive_cl_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused CPU forward/backward of adaptive-cl's AdaptiveRec InfoNCE (see csrc/README.md)";
+  m.def("forward", &adaptive_cl_cpu::forward, "loss (reduced) and per-row statistics");
+  m.def("backward", &adaptive_cl_cpu::backward, "dz, dz_aug and (soft) dk_rows");
+  m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for uses here");
+  m.def("build_info", &adaptive_cl_cpu::build_info, "vector ISA and widths this build uses");
+}
