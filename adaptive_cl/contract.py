@@ -148,7 +148,7 @@ def make_options(
     )
 
 
-def _check_views(z: object, z_aug: object) -> None:
+def _check_views(z: object, z_aug: object, min_batch: int = 2) -> None:
     for name, t in (("z", z), ("z_aug", z_aug)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, D); got {type(t).__name__}")
@@ -165,8 +165,8 @@ def _check_views(z: object, z_aug: object) -> None:
         raise TypeError(f"z and z_aug must have the same dtype; got {z.dtype} and {z_aug.dtype}")
     if z.device != z_aug.device:
         raise ValueError(f"z and z_aug must be on the same device; got {z.device} and {z_aug.device}")
-    if z.shape[0] < 2:
-        raise ValueError(f"z must hold at least B=2 rows (N = 2B >= 4); got B={z.shape[0]}")
+    if z.shape[0] < min_batch:
+        raise ValueError(f"z must hold at least B={min_batch} rows (N = 2B >= 4); got B={z.shape[0]}")
     if z.shape[1] < 1:
         raise ValueError(f"z must have at least one feature column; got D={z.shape[1]}")
 
@@ -215,25 +215,37 @@ def _prepare_labels(labels: object, z: torch.Tensor) -> torch.Tensor | None:
     return _rows("labels", labels.to(torch.int64), z.shape[0])
 
 
+def unbounded_loss_warning(options: LossOptions, has_k: bool, has_labels: bool, stacklevel: int = 2) -> None:
+    """Warn when the options make the loss unbounded below (SPEC.md); ``stacklevel`` counts from
+    the caller of this function, as ``warnings.warn``'s does."""
+    if not options.normalize and options.denominator == "negatives" and (has_k or has_labels):
+        warnings.warn(
+            "normalize=False with extra positives and denominator='negatives': extra positives sit "
+            "outside the log-sum-exp, so the loss is unbounded below as the norms of z grow",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def prepare(
     z: torch.Tensor,
     z_aug: torch.Tensor,
     k: torch.Tensor | float | None,
     labels: torch.Tensor | None,
     options: LossOptions,
+    *,
+    min_batch: int = 2,
 ) -> Prepared:
-    """Validate the tensors against each other and the options; return the backend bundle."""
-    _check_views(z, z_aug)
+    """Validate the tensors against each other and the options; return the backend bundle.
+
+    ``min_batch``: the fewest rows z may hold (a rank's shard of a distributed batch may hold
+    fewer than the loss's minimum of 2; distributed.py checks the global batch instead)."""
+    _check_views(z, z_aug, min_batch)
     dtype = compute_dtype(z.dtype)
     k_rows, k_scalar = _prepare_k(k, z, dtype)
     labels_rows = _prepare_labels(labels, z)
     if options.threshold == "soft" and k is None:
         raise ValueError("threshold='soft' needs a threshold k; got k=None")
-    if not options.normalize and options.denominator == "negatives" and (k is not None or labels is not None):
-        warnings.warn(
-            "normalize=False with extra positives and denominator='negatives': extra positives sit "
-            "outside the log-sum-exp, so the loss is unbounded below as the norms of z grow",
-            UserWarning,
-            stacklevel=3,
-        )
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn; the op warns at run time
+        unbounded_loss_warning(options, k is not None, labels is not None, stacklevel=3)
     return Prepared(z, z_aug, k_rows, k_scalar, labels_rows, options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
+from . import backends, ops
 from .contract import LossOptions, make_options, prepare
 
 
@@ -17,8 +17,11 @@ def apply_loss(
     backend: str,
 ) -> torch.Tensor:
     """Validate the tensors against checked options and run the chosen backend (the functional
-    and the Module share this)."""
+    and the Module share this). Under torch.compile the backend runs inside the registered
+    custom op (adaptive_cl/ops.py), so the compiled graph has no break."""
     p = prepare(z, z_aug, k, labels, options)
+    if ops.AVAILABLE and torch.compiler.is_compiling():
+        return ops.info_nce(p, backend)
     return backends.resolve(backend, p)(p)
 
 

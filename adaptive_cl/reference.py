@@ -71,7 +71,7 @@ import math
 
 import torch
 
-from .contract import NORM_EPS, LossOptions, Prepared
+from .contract import NORM_EPS, LossOptions, Prepared, compute_dtype
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,8 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(unit, y / torch.where(unit, norm_y, 1.0), x / NORM_EPS)
 
 
-def cosine_or_dot(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """c = Z Z^T for Z = [z; z_aug], cosine (clamped to [-1, 1]) when ``normalize``.
+def stacked_rows(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Z = [z; z_aug] in ``dtype``, rows normalised when ``normalize``.
 
     Non-finite inputs poison everything: if any element of z or z_aug is NaN or +-inf, Z is
     multiplied by NaN (by 1 otherwise), so every c, every row loss and every gradient element
@@ -100,10 +100,14 @@ def cosine_or_dot(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: 
     stacked = torch.cat([z, z_aug]).to(dtype)
     poison = torch.where(torch.isfinite(stacked).all(), 1.0, float("nan")).to(dtype)
     stacked = stacked * poison
-    if normalize:
-        stacked = normalize_rows(stacked)
-        return (stacked @ stacked.T).clamp(-1.0, 1.0)
-    return stacked @ stacked.T
+    return normalize_rows(stacked) if normalize else stacked
+
+
+def cosine_or_dot(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    """c = Z Z^T for Z = [z; z_aug], cosine (clamped to [-1, 1]) when ``normalize``."""
+    stacked = stacked_rows(z, z_aug, normalize, dtype)
+    c = stacked @ stacked.T
+    return c.clamp(-1.0, 1.0) if normalize else c
 
 
 def candidate_masks(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,11 +142,23 @@ def row_losses(p: Prepared) -> torch.Tensor:
     """The N per-row losses l_i (the module docstring's formulas), in the compute dtype."""
     o = p.options
     c = cosine_or_dot(p.z, p.z_aug, o.normalize, p.compute_dtype)
-    s = c / o.temperature
-    n = s.shape[0]
-    partner, candidates = candidate_masks(n, s.device)
+    partner, candidates = candidate_masks(c.shape[0], c.device)
     a = membership(c, p.k_rows, p.labels_rows, candidates, o)
+    return losses_from_similarities(c, a, partner, candidates, p.k_rows, o)
 
+
+def losses_from_similarities(
+    c: torch.Tensor,
+    a: torch.Tensor,
+    partner: torch.Tensor,
+    candidates: torch.Tensor,
+    k_rows: torch.Tensor | None,
+    options: LossOptions,
+) -> torch.Tensor:
+    """The losses of the rows of ``c`` (similarities of some rows with every column), given their
+    memberships ``a``, partner and candidate masks and thresholds ``k_rows``."""
+    o = options
+    s = c / o.temperature
     # Denominator weights q_ij: the partner 1; N(i) 1 ("all") or 1 - a_ij, how negative it is.
     q = torch.where(partner, torch.ones_like(s), a.new_zeros(()))
     q = q + (candidates.to(s.dtype) if o.denominator == "all" else torch.where(candidates, 1.0 - a, 0.0))
@@ -157,7 +173,7 @@ def row_losses(p: Prepared) -> torch.Tensor:
     terms = q * torch.exp(torch.where(weighted, s - shift, float("-inf")))
     lse = shift.squeeze(1) + torch.log(terms.sum(dim=1))
 
-    s_partner = s[partner]  # row i's partner logit; one True per row, in row order
+    s_partner = torch.where(partner, s, 0.0).sum(dim=1)  # row i's partner logit (one per row)
     m = a.sum(dim=1)
     guard = m.clamp(min=1.0)
     alpha = o.positive_weight
@@ -167,10 +183,10 @@ def row_losses(p: Prepared) -> torch.Tensor:
     else:
         loss = (lse - s_partner) - math.log(alpha) + pos_ce - m * torch.log((1.0 - alpha) / guard)
 
-    if p.k_rows is not None and p.k_rows.requires_grad and o.threshold == "hard":
+    if k_rows is not None and k_rows.requires_grad and o.threshold == "hard":
         # The hard threshold has gradient zero in k; keep k in the graph so callers get
         # zeros rather than None. nan_to_num keeps an infinite k from turning 0 * k into NaN.
-        loss = loss + (torch.nan_to_num(p.k_rows, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
+        loss = loss + (torch.nan_to_num(k_rows, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
     return loss
 
 
@@ -185,3 +201,39 @@ def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
 def adaptive_info_nce_reference(p: Prepared) -> torch.Tensor:
     """The loss as this module's docstring defines it, reduced as requested."""
     return reduce(row_losses(p), p.options.reduction)
+
+
+# ------------------------------------------------------------------------------ row subsets
+def row_block_losses(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    rows: torch.Tensor,
+    k_rows: torch.Tensor | None,
+    labels_rows: torch.Tensor | None,
+    options: LossOptions,
+) -> torch.Tensor:
+    """The losses l_i of the rows ``rows`` of Z = [z; z_aug], each against every column.
+
+    ``row_losses`` restricted to a subset of rows, in O(R x N) memory for R rows instead of
+    N x N: the reference path of the distributed loss, where each rank owns a few rows of the
+    global batch. ``rows``: (R,) int64 indices into Z; ``k_rows``: None or the (R,) thresholds
+    of those rows (compute dtype); ``labels_rows``: None or the (N,) int64 labels of *all* rows
+    (membership compares a row's label with every column's). With every row, this equals
+    ``row_losses`` up to the summation order of the matmul; the numerics are the same (non-finite
+    inputs anywhere poison every row).
+    """
+    b = z.shape[0]
+    n = 2 * b
+    stacked = stacked_rows(z, z_aug, options.normalize, compute_dtype(z.dtype))
+    c = stacked[rows] @ stacked.T
+    if options.normalize:
+        c = c.clamp(-1.0, 1.0)
+    cols = torch.arange(n, device=c.device)
+    partner = cols[None, :] == ((rows + b) % n)[:, None]
+    candidates = ~(partner | (cols[None, :] == rows[:, None]))
+    # Thresholds through the dense reference's membership; labels compare row with column here.
+    a = membership(c, k_rows, None, candidates, options)
+    if labels_rows is not None:
+        same = labels_rows[rows][:, None] == labels_rows[None, :]
+        a = torch.where(same & candidates, torch.ones_like(a), a)
+    return losses_from_similarities(c, a, partner, candidates, k_rows, options)

@@ -4,6 +4,7 @@ baseline.
     adaptive-cl-train                                   # AdaptiveRec on the synthetic demo data
     adaptive-cl-train --data Beauty.txt --method duorec --epochs 100 --out runs/x
     python -m adaptive_cl.rec ...                       # the same, without the console script
+    torchrun --standalone --nproc_per_node 2 -m adaptive_cl.rec --distributed ...   # DDP (rec/ddp.py)
 
 (``examples/train_sasrec.py`` is a thin wrapper around :func:`main`.)
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .data import FORMATS, DataFormatError, detect_format, leave_one_out, load_dataset
+from .ddp import DataParallel
 from .environment import describe, peak_memory_mib
 from .mclrec import REGULARIZERS, UPDATES
 from .metrics import evaluate_popularity
@@ -213,6 +215,9 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
                    help="replace the run already in OUT (refused without this flag)")
     p.add_argument("--plots", action="store_true", help="write PNG figures into OUT")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on "
+                        "CUDA: one GPU per process); --batch-size stays the global batch")
     args = p.parse_args(argv)
     if args.data is None and args.format != "auto":
         p.error("argument --format: only applies with --data")
@@ -255,8 +260,10 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         "record_histograms": args.plots,
         "amp": torch.device(args.device).type == "cuda",
         # Compiling pays off on a GPU, where the step is launch-bound; on a CPU its minutes of
-        # compilation would outweigh a short run.
-        "compile": torch.device(args.device).type == "cuda" and not args.no_compile,
+        # compilation would outweigh a short run. Data-parallel runs stay eager (DDP wraps the
+        # plain module).
+        "compile": (torch.device(args.device).type == "cuda" and not args.no_compile
+                    and not args.distributed),
         "compile_mode": args.compile_mode,
     }
     for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
@@ -344,8 +351,36 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
 def _run(argv: list[str] | None, prog: str) -> int:
     args = parse_args(argv, prog)
-    torch.set_num_threads(args.threads or default_threads())
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in run.json
+    if not args.distributed:
+        torch.set_num_threads(args.threads or default_threads())
+        return _train(args, prog, None)
+    # The machine's default share is split between the processes torchrun started on it.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, default_threads() // local))
+    try:
+        ddp, args.device = DataParallel.from_torchrun(args.device)
+    except RuntimeError as err:
+        raise CLIError(f"argument --distributed: {err}") from None
+    try:
+        code = _train(args, prog, ddp)
+        # Leave together (process 0 writes the results last): a process tearing down its gloo
+        # connections while another still works can hang in the teardown.
+        torch.distributed.barrier()
+        return code
+    finally:
+        if ddp.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, prog: str, ddp: DataParallel | None) -> int:
+    main_process = ddp is None or ddp.rank == 0  # only process 0 prints and writes files
     config = build_config(args, prog)
+    if ddp is not None:
+        try:
+            ddp.check_config(config)
+        except ValueError as err:
+            raise CLIError(f"argument --distributed: {err}") from None
     if args.out is not None:
         check_out(args.out, resume=args.resume, overwrite=args.overwrite)
     start = time.perf_counter()
@@ -354,27 +389,32 @@ def _run(argv: list[str] | None, prog: str) -> int:
         raise CLIError(f"argument --batch-size: {config.batch_size} with the {config.preset} "
                        f"preset's drop_last leaves no batch of the {split.num_train} training "
                        "samples")
-    trainer = Trainer(config, split, args.out, dataset=data.name, cache_dir=args.cache_dir)
+    trainer = Trainer(config, split, args.out, dataset=data.name, cache_dir=args.cache_dir, ddp=ddp)
     if args.resume:
         try:
             trainer.resume()
         except CheckpointError as err:
             raise CLIError(f"argument --resume: {err}") from None
-    if args.overwrite:  # everything checked: only now is the old run given up
+    if args.overwrite and main_process:  # everything checked: only now is the old run given up
         for name in RUN_FILES:
             (args.out / name).unlink(missing_ok=True)
-    print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
-          f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
-          f"{config.device}, {torch.get_num_threads()} CPU threads", flush=True)
+    where = (f"{config.device}" if ddp is None else
+             f"{ddp.world} processes ({config.device} on process 0)")
+    if main_process:
+        print(f"{data.name}: {data.num_users} users, {data.num_items} items, "
+              f"{split.num_train} training samples; {config.method} ({config.preset} preset) on "
+              f"{where}, {torch.get_num_threads()} CPU threads", flush=True)
     try:
         results = trainer.fit()
     except FloatingPointError as err:  # a diverged run; the last good epoch is checkpointed
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+    if not main_process:
+        return 0
     popularity = {which: evaluate_popularity(split, which, ties=config.ties)
                   for which in ("valid", "test")}
     if args.out is not None:
-        run = {**describe(config.device), "argv": list(sys.argv[1:] if argv is None else argv),
+        run = {**describe(config.device), "argv": args.argv,
                "wall_s": time.perf_counter() - start,
                "peak_memory_mib": peak_memory_mib(config.device)}
         # results.json last: its presence means the run finished (examples/reproduce.py).

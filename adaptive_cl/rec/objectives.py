@@ -19,6 +19,7 @@ import torch.nn as nn
 from .. import adaptive_info_nce
 from ..contract import make_options
 from .augment import Augmenter
+from .ddp import DataParallel
 from .model import SASRec
 from .simthres import LearnableSimThres, StatisticalSimThres
 
@@ -29,12 +30,39 @@ CONTRASTS = ("un", "su", "us_x")
 class Batch:
     """One training batch; ``positives`` holds the inputs of a same-target sample per row
     (DuoRec's supervised view), present when the objective's ``needs_positives`` is set;
-    ``index`` holds the rows' training-sample indices (RCL looks up weak positives by it)."""
+    ``index`` holds the rows' training-sample indices (RCL looks up weak positives by it).
+
+    Data-parallel training (rec/ddp.py) hands every process the whole global batch, ``rows``
+    (the slice of rows this process computes) and ``ddp``; random draws (augmentations) are
+    made for the whole batch, the encoder runs on the ``own`` rows only, and losses are this
+    process's shares. A single process has ``rows=None`` (every row) and ``ddp=None``.
+    """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     positives: torch.Tensor | None = None
     index: torch.Tensor | None = None
+    rows: slice | None = None
+    ddp: DataParallel | None = None
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows]
+
+
+def cross_entropy(model: SASRec, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The next-item cross-entropy of the own rows (their share of the batch mean under DDP)."""
+    targets = batch.own(batch.targets)
+    if batch.ddp is None:
+        return model.loss(h, targets)
+    return batch.ddp.ce_share(model, h, targets, len(batch.targets))
+
+
+def info_nce(batch: Batch, z1: torch.Tensor, z2: torch.Tensor, k, **options) -> torch.Tensor:
+    """``adaptive_info_nce`` of the own rows' views (under DDP: their share of the global
+    batch's loss, every process's rows as negatives)."""
+    if batch.ddp is None:
+        return adaptive_info_nce(z1, z2, k, **options)
+    return batch.ddp.info_nce_share(z1, z2, k, len(batch.targets), **options)
 
 
 @dataclass
@@ -75,7 +103,7 @@ class SASRecObjective(nn.Module):
     def forward(
         self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
-        ce = model.loss(model(batch.inputs), batch.targets)
+        ce = cross_entropy(model, model(batch.own(batch.inputs)), batch)
         return ObjectiveOutput(ce, {"ce": ce.detach()})
 
 
@@ -103,11 +131,11 @@ class CL4SRecObjective(nn.Module):
     ) -> ObjectiveOutput:
         if model.mask_token != self.augmenter.mask_token:
             raise ValueError("CL4SRec's mask augmentation needs SASRec(mask_token=True)")
-        v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)
-        h, z1, z2 = encode(model, batch.inputs, v1, v2)
-        ce = model.loss(h, batch.targets)
-        cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature, normalize=True,
-                               positive_weight=1.0, backend=self.backend)
+        v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)  # drawn for every row
+        h, z1, z2 = encode(model, batch.own(batch.inputs), batch.own(v1), batch.own(v2))
+        ce = cross_entropy(model, h, batch)
+        cl = info_nce(batch, z1, z2, None, temperature=self.temperature, normalize=True,
+                      positive_weight=1.0, backend=self.backend)
         loss = ce + self.weight * cl
         return ObjectiveOutput(loss, {"ce": ce.detach(), "cl": cl.detach()}, (z1, z2))
 
@@ -142,32 +170,33 @@ class DuoRecObjective(nn.Module):
         self.needs_positives = contrast != "un"
 
     def passes(self, model: SASRec, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(h, z1, z2)``: the CE pass and the two views of the contrastive term."""
+        """``(h, z1, z2)`` of the own rows: the CE pass and the two views of the contrastive
+        term."""
         if self.contrast != "un" and batch.positives is None:
             raise ValueError(f"contrast {self.contrast!r} needs batch.positives")
+        inputs = batch.own(batch.inputs)
         if self.contrast == "un":
-            h, z2 = encode(model, batch.inputs, batch.inputs)
+            h, z2 = encode(model, inputs, inputs)
             return h, h, z2
         if self.contrast == "su":
-            h, z2 = encode(model, batch.inputs, batch.positives)
+            h, z2 = encode(model, inputs, batch.own(batch.positives))
             return h, h, z2
-        return encode(model, batch.inputs, batch.inputs, batch.positives)
+        return encode(model, inputs, inputs, batch.own(batch.positives))
 
     def contrastive(
-        self, z1: torch.Tensor, z2: torch.Tensor
+        self, z1: torch.Tensor, z2: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(contrastive loss, threshold regularizer or None, thresholds or None)."""
-        cl = adaptive_info_nce(z1, z2, None, temperature=self.temperature,
-                               normalize=self.normalize, positive_weight=1.0,
-                               backend=self.backend)
+        cl = info_nce(batch, z1, z2, None, temperature=self.temperature,
+                      normalize=self.normalize, positive_weight=1.0, backend=self.backend)
         return cl, None, None
 
     def forward(
         self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
         h, z1, z2 = self.passes(model, batch)
-        ce = model.loss(h, batch.targets)
-        cl, reg, k = self.contrastive(z1, z2)
+        ce = cross_entropy(model, h, batch)
+        cl, reg, k = self.contrastive(z1, z2, batch)
         loss = ce + self.weight * cl
         parts = {"ce": ce.detach(), "cl": cl.detach()}
         if reg is not None:
@@ -212,11 +241,23 @@ class AdaptiveRecObjective(DuoRecObjective):
         make_options(**options)  # bad values fail here, not at the first batch
 
     def contrastive(
-        self, z1: torch.Tensor, z2: torch.Tensor
+        self, z1: torch.Tensor, z2: torch.Tensor, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        k = None if self.simthres is None else self.simthres(z1)
-        cl = adaptive_info_nce(z1, z2, k, **self.loss_options)
-        reg = self.simthres.regularizer(k) if isinstance(self.simthres, LearnableSimThres) else None
+        if self.simthres is None:
+            return info_nce(batch, z1, z2, None, **self.loss_options), None, None
+        learnable = isinstance(self.simthres, LearnableSimThres)
+        if batch.ddp is None or not learnable:
+            k = k_own = self.simthres(z1)
+        else:  # g sees the whole global batch; each process keeps its rows' thresholds
+            if not self.simthres.detach_input:
+                raise ValueError("data-parallel training needs LearnableSimThres(detach_input=True): "
+                                 "g's input is gathered across processes without gradient")
+            k = self.simthres(batch.ddp.gather(z1, len(batch.targets)))
+            k_own = batch.own(k)
+        cl = info_nce(batch, z1, z2, k_own, **self.loss_options)
+        reg = self.simthres.regularizer(k) if learnable else None
+        if reg is not None and batch.ddp is not None:
+            reg = batch.ddp.replicated_share(reg)
         return cl, reg, k
 
 

@@ -42,6 +42,7 @@ import torch
 from ..backends import BACKENDS
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
+from .ddp import DataParallel
 from .mclrec import REGULARIZERS, UPDATES, MCLRecObjective
 from .metrics import TIES, alignment, evaluate_full_ranking, uniformity
 from .model import SASRec
@@ -363,8 +364,25 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["generator"])
 
 
+class _ModelAndObjective(torch.nn.Module):
+    """The encoder and the objective (which may hold a threshold network) as one module, so
+    DistributedDataParallel syncs every trained parameter."""
+
+    def __init__(self, model: torch.nn.Module, objective: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: Batch, generator: torch.Generator):
+        return self.objective(self.model, batch, generator)
+
+
 class Trainer:
-    """Train one method on a leave-one-out split (see :func:`train`)."""
+    """Train one method on a leave-one-out split (see :func:`train`).
+
+    ``ddp``: a :class:`~adaptive_cl.rec.ddp.DataParallel` to train data-parallel (every process
+    constructs its Trainer alike and runs ``fit``; see rec/ddp.py).
+    """
 
     def __init__(
         self,
@@ -375,8 +393,14 @@ class Trainer:
         dataset: str = "synthetic",
         callback: Callable[[dict], None] | None = None,
         cache_dir: str | Path | None = None,
+        ddp: DataParallel | None = None,
     ) -> None:
         config.validate()
+        if ddp is not None:
+            DataParallel.check_config(config)
+            if config.compile:
+                raise ValueError("compile applies to single-process training: data-parallel "
+                                 "runs are eager (DDP wraps the plain module); set compile=False")
         if config.max_len != split.max_len:
             raise ValueError(f"config.max_len={config.max_len} but the split was built with "
                              f"max_len={split.max_len}")
@@ -384,6 +408,8 @@ class Trainer:
         self.split = split
         self.dataset = dataset
         self.callback = callback
+        self.ddp = ddp
+        self.is_main = ddp is None or ddp.rank == 0  # prints, progress bars and files
         self.out_dir = Path(out_dir) if out_dir is not None else None
         # Derived data (RCL's weak positives) is cached in cache_dir, else in out_dir/cache,
         # else (neither given) recomputed by every run.
@@ -449,6 +475,14 @@ class Trainer:
         self.bad_epochs = 0
         self.train_seconds = 0.0
 
+        self._ddp_step = None
+        if ddp is not None:  # rec/ddp.py
+            self._ddp_step = torch.nn.parallel.DistributedDataParallel(
+                _ModelAndObjective(self.model, self.objective),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if ddp.rank:  # dropout: a stream per process (process 0 keeps the single-process one)
+                torch.manual_seed(config.seed + 7919 * ddp.rank)
+
     def _build_objective(self) -> torch.nn.Module:
         c = self.config
         if c.method == "sasrec":
@@ -511,6 +545,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "stats": self.stats.state_dict(),
             "rng": _rng_state(self.generator),
+            # data-parallel runs: every process's random state (dropout streams differ)
+            "rng_processes": None if self.ddp is None else self.ddp.all_gather_object(_rng_state(self.generator)),
             "history": self.history,
             "best": {"metric": self.best_metric, "epoch": self.best_epoch,
                      "state": self.best_state, "bad_epochs": self.bad_epochs},
@@ -542,6 +578,11 @@ class Trainer:
                 f"{self.dataset!r}: {self.split.num_items} items, {self.split.num_train}): "
                 "resume with the same data file, format and max_len"
             )
+        processes = state.get("rng_processes")
+        written, now = (1 if processes is None else len(processes)), (1 if self.ddp is None else self.ddp.world)
+        if written != now:  # each process resumes its own dropout stream
+            raise CheckpointError(f"the checkpoint was written by {written} process(es); resume "
+                                  f"with the same number (now {now})")
 
     def load_state_dict(self, state: dict) -> None:
         self.check_state_dict(state)
@@ -559,7 +600,8 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.stats.load_state_dict(state["stats"])
-        _set_rng_state(state["rng"], self.generator)
+        processes = state.get("rng_processes")  # data-parallel runs: one RNG state per process
+        _set_rng_state(state["rng"] if processes is None else processes[self.ddp.rank], self.generator)
         self.history = list(state["history"])
         best = state["best"]
         self.best_metric, self.best_epoch = best["metric"], best["epoch"]
@@ -567,9 +609,12 @@ class Trainer:
         self.train_seconds = state["train_seconds"]
 
     def save_checkpoint(self) -> None:
+        """Write ``out_dir/checkpoint.pt`` atomically (data-parallel: a collective; process 0 writes)."""
         if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+            state = self.state_dict()
+            if self.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                atomic_save(state, self.out_dir / CHECKPOINT)
 
     def resume(self) -> None:
         """Continue from ``out_dir/checkpoint.pt``, or raise :class:`CheckpointError` (a
@@ -608,9 +653,14 @@ class Trainer:
         if custom is not None:
             return custom(model, batch, self.generator, self.optimizer, self._autocast)
         with self._autocast():
-            out = self.objective(model, batch, self.generator)
+            if self.ddp is None:
+                out = self.objective(model, batch, self.generator)
+            else:  # the global batch; this process computes its rows, losses are shares
+                out = self._ddp_step(batch, self.generator)
+        # DDP averages gradients over the processes: scale the share back (rec/ddp.py)
+        loss = out.loss if self.ddp is None else out.loss * self.ddp.world
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         self.optimizer.step()
         return out
 
@@ -621,31 +671,42 @@ class Trainer:
         self.objective.train()
         self.stats.reset()
         names: list[str] | None = None
-        sums = torch.zeros((), device=self.device)  # loss, parts and k, summed over the steps
+        sums = torch.zeros((), device=self.device)  # loss and parts, summed over the steps
+        k_sum = torch.zeros((), device=self.device)
+        has_k = False
         batches = self._batches()
         bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
-                   disable=not self.config.progress)
+                   disable=not (self.config.progress and self.is_main))
         for idx in bar:
             positives = None
             if self.objective.needs_positives:
                 positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
-            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx)
+            rows = None if self.ddp is None else self.ddp.rows(len(idx))
+            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx, rows,
+                          self.ddp)
             out = self._step(batch)
             logged = {"loss": out.loss.detach(), **out.parts}
-            if out.k is not None:
-                logged["k"] = out.k.detach().float().mean()
             if names is None:
                 names = list(logged)
             elif list(logged) != names:
                 raise RuntimeError(f"the objective logged {list(logged)} after {names}")
             sums = sums + torch.stack([value.float() for value in logged.values()])
             if out.views is not None:
-                self.stats.update(*out.views)
+                views = out.views
+                if self.ddp is not None:  # the statistics of the global batch
+                    views = [self.ddp.gather(v, len(idx)) for v in views]
+                self.stats.update(*views)
+            if out.k is not None:  # the same on every process: not a share
+                k_sum = k_sum + out.k.detach().float().mean()
+                has_k = True
         if self.scheduler is not None:
             self.scheduler.step()
-        means = (sums / len(batches)).tolist()  # the epoch's one transfer of the logged values
-        row = dict(zip(names, means))
-        row.setdefault("k", None)
+        if self.ddp is not None:  # the processes' shares add up to the batch's terms
+            sums = self.ddp.all_reduce(sums)
+        # The epoch's one transfer of the logged values.
+        means = (torch.cat([sums, k_sum[None]]) / len(batches)).tolist()
+        row = dict(zip(names, means[:-1]))
+        row["k"] = means[-1] if has_k else None
         if self.stats.num_batches:
             row["k_stat_pooled"] = self.stats.percentile("pooled")
             row["k_stat_batch_mean"] = self.stats.percentile("batch_mean")
@@ -695,7 +756,7 @@ class Trainer:
         """Train until ``epochs`` or early stopping, then test the best epoch's weights."""
         c = self.config
         bar = progress_bar(total=c.epochs, initial=self.epoch, desc=c.method, unit="epoch",
-                   disable=not c.progress)
+                   disable=not (c.progress and self.is_main))
         while self.epoch < c.epochs and self.bad_epochs < c.patience:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler steps
@@ -737,6 +798,8 @@ class Trainer:
         """The results dict (``results.json``'s content) with test metrics of the best epoch."""
         config = self.config.to_dict()
         config["similarity"] = "cos" if self.config.normalize else "dot"
+        if self.ddp is not None:
+            config["processes"] = self.ddp.world
         best = self.history[self.best_epoch - 1]["valid"] if self.best_epoch else {}
         return {
             "method": self.config.method,
@@ -760,15 +823,17 @@ def train(
     dataset: str = "synthetic",
     callback: Callable[[dict], None] | None = None,
     cache_dir: str | Path | None = None,
+    ddp: DataParallel | None = None,
 ) -> dict:
     """Train ``config.method`` on ``split`` and return the results dict.
 
     With ``out_dir`` a checkpoint is written atomically after every epoch; ``resume=True``
     continues from it. ``callback(row)`` sees each epoch's history row after its checkpoint.
     ``cache_dir`` holds derived data (RCL's weak positives; default ``out_dir/cache``).
+    ``ddp``: train data-parallel (rec/ddp.py); every process of the group calls ``train``.
     """
     trainer = Trainer(config, split, out_dir, dataset=dataset, callback=callback,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, ddp=ddp)
     if resume:
         trainer.resume()
     return trainer.fit()

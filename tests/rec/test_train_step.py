@@ -152,5 +152,7 @@ def test_cli_compiles_on_cuda_unless_told_not_to():
     cuda.no_compile, cuda.compile_mode = True, "reduce-overhead"
     config = cli.build_config(cuda)
     assert not config.compile and config.compile_mode == "reduce-overhead"
+    cuda.no_compile, cuda.distributed = False, True  # data-parallel runs stay eager
+    assert not cli.build_config(cuda).compile
     with pytest.raises(ValueError, match="compile_mode"):
         tiny(compile_mode="fastest")

@@ -1,0 +1,340 @@
+"""The loss over the global batch of a ``torch.distributed`` process group.
+
+Each rank r holds B_r rows of both views (B_r may differ between ranks, and may be 0). The loss
+is the single-process loss of the concatenated global batch, rows ordered
+
+    Z = [z of rank 0; z of rank 1; ...; z_aug of rank 0; z_aug of rank 1; ...]   (N = 2B rows)
+
+so the partner of row i is i + B, as in :func:`adaptive_cl.adaptive_info_nce`. Every negative
+of every rank counts for every row: that is the point of training contrastively on many
+devices.
+
+How it runs, per rank: one small all-gather of the shard sizes (and of a check that every rank
+passed the same D, dtype and options; the sizes reach the host, one synchronisation per call),
+an all-gather of both views (and of the labels), then the rank computes the losses of *its own*
+2 B_r rows against all N columns. The reduced loss is all-reduced, so every rank returns the
+global value; reduction="none" returns the rank's own 2 B_r row losses, ordered
+[own z rows; own z_aug rows].
+
+Gradients: every rank's inputs receive exactly the gradient of the global loss, as in one
+process, provided every rank runs backward (as DDP requires anyway: the backward holds a
+collective). A loss term of row i depends on every column j, so rank r's rows also push
+gradient into the other ranks' inputs. Each backend hook chooses how that gradient reaches its
+owner:
+
+- the reference lets autograd give rank r's contributions to all N rows of Z, all-reduces them
+  (O(N D) traffic, the size of the forward's gather) and keeps its own rows: simple and exact
+  for every option, autograd does the work;
+- the fused kernel all-gathers every row's O(N) statistics (and upstream gradients and
+  thresholds) instead and, S being symmetric (dL/dz^_r = (1/tau) sum_j (G_rj + G_jr) z^_j),
+  forms its own rows' whole gradient from its own tile walk: O(N) traffic, no work on rows
+  it does not own.
+
+Memory per rank: O(N D) for the gathered views (and, for the reference, their gradients), plus
+O(B_r N) for the reference's block of the similarity matrix and its autograd intermediates
+(the fused kernel: O(N) statistics); never N x N.
+
+With DDP: DDP *averages* parameter gradients over the W ranks, while this loss already gives
+each rank the full gradient of the global loss for its inputs; so the parameter gradient DDP
+produces is (1/W) of the single-process one. Multiply the loss by W (``dist.get_world_size()``)
+before backward to train exactly as one process on the global batch (see examples/ddp_contrastive.py).
+
+Under torch.compile this function runs eagerly (``torch.compiler.disable``: one graph break
+around the loss; the encoder before it still compiles).
+
+Non-finite inputs anywhere in the global batch make every rank's loss NaN and every element of
+every rank's gradients NaN (the contract's rule), without a host synchronisation.
+
+Backends: a backend joins through a ``RowsHook`` (own-rows forward + backward) in ``HOOKS``.
+Wired: "reference" (row subsets of the PyTorch reference, every option) and "triton" (the fused
+kernels over row ranges: hard threshold, no labels, float32/float16/bfloat16, as in one
+process). "auto" takes the fused kernel for CUDA tensors whose options it covers, else the
+reference (the single-process rule). A backend without a hook ("compiled", ...) is a
+ValueError naming the ones that work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from . import backends
+from .contract import LossOptions, Prepared, make_options, prepare
+from .reference import row_block_losses
+
+__all__ = ["adaptive_info_nce_distributed", "Shard", "RowsHook", "HOOKS"]
+
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's rows sit in the global batch, and the collectives the hooks use."""
+
+    group: Any
+    rank: int
+    sizes: tuple[int, ...]  # B_q of every rank q, in rank order
+
+    @property
+    def batch(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def local(self) -> int:
+        return self.sizes[self.rank]
+
+    def own_rows(self, device) -> torch.Tensor:
+        """Global indices of this rank's 2 B_r rows of Z: [own z rows; own z_aug rows]."""
+        z_rows = torch.arange(self.offset, self.offset + self.local, device=device)
+        return torch.cat([z_rows, z_rows + self.batch])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's (B_q, ...) tensor in rank order (padded to the largest
+        B_q for the collective, which needs equal sizes)."""
+        width = max(self.sizes)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in self.sizes]
+        dist.all_gather(parts, padded.contiguous(), group=self.group)
+        return torch.cat([part[:size] for part, size in zip(parts, self.sizes)])
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(2 B_r, ...) own-row values, ordered as ``own_rows``, to the (N, ...) global rows."""
+        return torch.cat([self.gather(x[: self.local]), self.gather(x[self.local:])])
+
+    def reduce_to_owners(self, grad_rows: torch.Tensor) -> torch.Tensor:
+        """Sum every rank's (N, ...) contributions to the global rows; return this rank's
+        (2 B_r, ...) rows, ordered as ``own_rows``."""
+        total = grad_rows.contiguous().clone()
+        dist.all_reduce(total, group=self.group)
+        return total[self.own_rows(total.device)]
+
+
+class RowsHook(Protocol):
+    """One backend's own-rows forward and backward.
+
+    ``unsupported(p)``: None, or why the backend cannot run these options (``p`` the rank's
+    prepared shard). ``forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
+    needs_grad)``: the global views (B, D) each, ``k_own`` None or the (2 B_r,) thresholds of
+    the own rows (``k_scalar`` the float when k was one), ``labels_all`` None or the (N,)
+    labels; returns the own rows' (2 B_r,) losses in the compute dtype and whatever the backward
+    needs.
+    ``backward(shard, saved, u_own)``: ``u_own`` the (2 B_r,) upstream gradient of the own
+    rows' losses; returns (dz (B_r, D), dz_aug (B_r, D), dk (2 B_r,) or None): the gradient of
+    the global loss for this rank's inputs. It may use the shard's collectives (every rank calls
+    it at the same point), e.g. ``reduce_to_owners`` for column gradients or ``gather_rows``
+    for per-row statistics.
+    """
+
+    def unsupported(self, p: Prepared) -> str | None: ...
+
+    def forward(self, shard: Shard, z_all, z_aug_all, k_own, k_scalar, labels_all,
+                options: LossOptions, needs_grad: bool): ...
+
+    def backward(self, shard: Shard, saved, u_own): ...
+
+
+class ReferenceRows:
+    """Row subsets of the PyTorch reference (``reference.row_block_losses``); the backward is
+    autograd's, the column gradients reduced to their owners."""
+
+    def unsupported(self, p):
+        return None
+
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            leaves = [z_all.detach().requires_grad_(needs_grad), z_aug_all.detach().requires_grad_(needs_grad)]
+            if k_own is not None:
+                leaves.append(k_own.detach().requires_grad_(needs_grad))
+            rows = shard.own_rows(z_all.device)
+            losses = row_block_losses(leaves[0], leaves[1], rows, leaves[2] if k_own is not None else None,
+                                      labels_all, options)
+        return losses.detach(), (leaves, losses)
+
+    def backward(self, shard, saved, u_own):
+        leaves, losses = saved
+        grads = torch.autograd.grad(losses, leaves, u_own.to(losses.dtype), allow_unused=True,
+                                    materialize_grads=True)
+        own = shard.reduce_to_owners(torch.cat([grads[0], grads[1]]))
+        b = shard.local
+        return own[:b], own[b:], (grads[2] if len(grads) > 2 else None)
+
+
+class TritonRows:
+    """The fused kernels over row ranges (kernels/function.py ``prepare_rows``, ``forward_rows``,
+    ``backward_rows``). Each rank prepares all N gathered rows (an O(N D) pre-pass) and computes
+    its two row ranges against every column. The backward all-gathers every row's three
+    statistics, upstream gradient and threshold (O(N) traffic, against the reference's O(N D)
+    column gradients) and, S being symmetric, forms its own rows' whole gradient: no gradient
+    of another rank's rows is computed or sent. Hard threshold, no labels (as the kernels)."""
+
+    def unsupported(self, p):
+        return backends.triton_unavailable_reason(p)
+
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
+        from .kernels import function as f
+
+        # a row's backward re-evaluates every other row's decisions: all thresholds are needed
+        k_all = None if k_own is None or k_scalar is not None else shard.gather_rows(k_own.detach())
+        b, off, r = shard.batch, shard.offset, shard.local
+        with f._on_device(z_all):
+            pr = f.prepare_rows(z_all, z_aug_all, k_all, k_scalar, options)
+            parts = [f.forward_rows(pr, options, off, off + r), f.forward_rows(pr, options, b + off, b + off + r)]
+        losses, cnt, rs, wx = (torch.cat([a, c]) for a, c in zip(*parts))
+        return losses, (pr, torch.stack([cnt, rs, wx], dim=1), k_own, options)
+
+    def backward(self, shard, saved, u_own):
+        from .kernels import function as f
+
+        pr, stats, k_own, options = saved
+        cnt, rs, wx = shard.gather_rows(stats).T.contiguous()
+        u_all = shard.gather_rows(u_own.detach().float().contiguous())
+        per_row = dataclasses.replace(options, reduction="none")  # u_all already holds 1/N for "mean"
+        b, off, r = shard.batch, shard.offset, shard.local
+        with f._on_device(pr.zs):
+            dz = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, off, off + r)
+            dza = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, b + off, b + off + r)
+        return dz, dza, (None if k_own is None else torch.zeros_like(k_own))  # the hard threshold is flat
+
+
+#: Backends with a distributed (own-rows) implementation.
+HOOKS: dict[str, RowsHook] = {"reference": ReferenceRows(), "triton": TritonRows()}
+
+
+def _hook(backend: str, p: Prepared) -> RowsHook:
+    """The hook of ``backend``; "auto": the fused kernel on CUDA when it covers the options,
+    else the reference (the single-process rule)."""
+    backends.check_name(backend)
+    if backend == "auto":
+        fused = p.z.is_cuda and HOOKS["triton"].unsupported(p) is None
+        return HOOKS["triton" if fused else "reference"]
+    if backend not in HOOKS:
+        wired = ", ".join(map(repr, ["auto", *HOOKS]))
+        raise ValueError(f"backend={backend!r} has no distributed implementation yet; use one of {wired}")
+    reason = HOOKS[backend].unsupported(p)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
+    return HOOKS[backend]
+
+
+class _GlobalBatchLoss(torch.autograd.Function):
+    """apply(z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad) -> the
+    global loss (reduction "mean"/"sum") or the own rows' losses ("none")."""
+
+    @staticmethod
+    def forward(ctx, z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad):
+        z_all = shard.gather(z.detach())
+        z_aug_all = shard.gather(z_aug.detach())
+        losses, saved = hook.forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
+                                     needs_grad)
+        ctx.shard, ctx.hook, ctx.saved, ctx.options = shard, hook, saved, options
+        ctx.n = 2 * shard.batch
+        ctx.finite = torch.isfinite(z_all).all() & torch.isfinite(z_aug_all).all()
+        if options.reduction == "none":
+            return losses.clone()
+        total = losses.sum().reshape(1)
+        dist.all_reduce(total, group=shard.group)
+        total = total.reshape(())
+        return total / ctx.n if options.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        o = ctx.options
+        if o.reduction == "none":
+            u_own = grad
+        else:
+            scale = 1.0 / ctx.n if o.reduction == "mean" else 1.0
+            u_own = (grad * scale).expand(2 * ctx.shard.local)
+        dz, dza, dk = ctx.hook.backward(ctx.shard, ctx.saved, u_own)
+        ctx.saved = None
+        nan = torch.tensor(float("nan"), dtype=dz.dtype, device=dz.device)
+        dz, dza = torch.where(ctx.finite, dz, nan), torch.where(ctx.finite, dza, nan)
+        return dz, dza, dk, None, None, None, None, None, None
+
+
+def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bool, has_labels: bool) -> Shard:
+    """Exchange the shard sizes, checking that every rank agrees on D, dtype and options."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "adaptive_info_nce_distributed needs torch.distributed initialised "
+            "(dist.init_process_group); for one process use adaptive_info_nce")
+    rank = dist.get_rank(group)
+    world = dist.get_world_size(group)
+    fingerprint = zlib.crc32(repr((options, backend, has_k, has_labels)).encode())
+    mine = torch.tensor([z.shape[0], z.shape[1], _DTYPE_CODES[z.dtype], fingerprint],
+                        dtype=torch.int64, device=z.device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    table = torch.stack(every).tolist()
+    for what, col in (("the feature size D", 1), ("the dtype", 2),
+                      ("the options (and whether k and labels are given)", 3)):
+        if len({row[col] for row in table}) != 1:
+            raise ValueError(f"every rank must pass the same {what}; ranks disagree: "
+                             f"{[row[col] for row in table]}")
+    sizes = tuple(row[0] for row in table)
+    if sum(sizes) < 2:
+        raise ValueError(f"the global batch must hold at least B=2 rows; the ranks hold {list(sizes)}")
+    return Shard(group, rank, sizes)
+
+
+@torch.compiler.disable  # collectives and a host sync: runs eagerly inside a compiled model
+def adaptive_info_nce_distributed(
+    z: torch.Tensor,
+    z_aug: torch.Tensor,
+    k: torch.Tensor | float | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    normalize: bool = True,
+    denominator: str = "negatives",
+    weighting: str = "normalized",
+    positive_weight: float = 0.5,
+    threshold: str = "hard",
+    threshold_scale: float = 0.05,
+    reduction: str = "mean",
+    backend: str = "auto",
+    group=None,
+) -> torch.Tensor:
+    """:func:`adaptive_cl.adaptive_info_nce` over the global batch of a process group.
+
+    Every rank calls it with its own rows (see the module docstring for the row order) and the
+    same options; the result and the gradients equal those of one process holding the whole
+    batch.
+
+    Args:
+        z, z_aug: this rank's two views, (B_r, D); B_r may differ between ranks (and be 0),
+            the global B = sum B_r must be >= 2. Same D and dtype on every rank.
+        k: the threshold of this rank's rows: None, a float or 0-d tensor, a (B_r,) tensor
+            (rows i and i + B share it) or a (2 B_r,) tensor ([own z rows; own z_aug rows]).
+            None on one rank means None on all.
+        labels: None or this rank's integer labels, (B_r,) or (2 B_r,) as k; compared with
+            every rank's labels (they are all-gathered).
+        temperature ... reduction: as ``adaptive_info_nce``; "mean" divides by the global N.
+        backend: "auto" or a backend with a distributed hook (``HOOKS``: "reference", "triton").
+        group: the process group (None: the default group).
+
+    Returns:
+        "mean"/"sum": the global loss, the same value on every rank; "none": this rank's
+        2 B_r row losses. Differentiable once; every rank must run backward.
+    """
+    options = make_options(
+        temperature=temperature, normalize=normalize, denominator=denominator, weighting=weighting,
+        positive_weight=positive_weight, threshold=threshold, threshold_scale=threshold_scale,
+        reduction=reduction)
+    p = prepare(z, z_aug, k, labels, options, min_batch=0)
+    hook = _hook(backend, p)
+    shard = _shard(z, group, options, backend, k is not None, labels is not None)
+    labels_all = None if p.labels_rows is None else shard.gather_rows(p.labels_rows)
+    inputs = [z, z_aug] + ([p.k_rows] if p.k_rows is not None else [])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return _GlobalBatchLoss.apply(z, z_aug, p.k_rows, p.k_scalar, shard, labels_all, options, hook,
+                                  needs_grad)

@@ -1,0 +1,181 @@
+"""Worker side of tests/test_distributed.py: runs in each spawned gloo process.
+
+Every rank builds the same global batch from a seed, computes the single-process reference loss
+and gradients on it, then the distributed loss on its own shard, and compares its slices. A
+failure raises in the worker; torch.multiprocessing.spawn re-raises it in the test.
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from adaptive_cl import adaptive_info_nce, backends
+from adaptive_cl.contract import make_options, prepare
+from adaptive_cl.distributed import adaptive_info_nce_distributed
+from helpers import safe_threshold, views
+
+# float64 on both sides; the two differ only in the matmul's summation order and the order of
+# the cross-rank sums (~1e-16 relative per term, N ~ 20 terms), far below this bound. Hard
+# thresholds sit mid-gap between similarities (helpers.safe_threshold), so no decision flips.
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+# A covering set: every option value of the loss appears, and each k / labels layout.
+CASES = [
+    dict(k=None),
+    dict(k="scalar", denominator="all", weighting="unit", positive_weight=0.3, reduction="sum"),
+    dict(k="B", labels="B", temperature=0.5, reduction="none"),
+    dict(k="N", labels="N", threshold="soft", threshold_scale=0.1, weighting="unit", positive_weight=0.4),
+    dict(k="0d", normalize=False, denominator="all", reduction="sum"),
+    dict(k="B", normalize=False, temperature=3.0),  # "negatives" without normalisation: warns
+    dict(k=None, labels="B", reduction="none", positive_weight=1.0),
+    dict(k="B", threshold="soft", temperature=2.0, denominator="all", reduction="none"),
+    dict(k="0d", threshold="soft", labels="N", reduction="mean"),
+]
+
+
+# What the fused kernels take (hard threshold, no labels), float32: compared with the same
+# kernels in one process, which differ only in how the upstream gradient's 1/N is applied
+# (per row here, once there) and in the cross-rank sums: float32 rounding, ~1e-7 relative.
+TRITON_CASES = [
+    dict(k="B"),
+    dict(k="scalar", denominator="all", weighting="unit", positive_weight=0.3, reduction="none",
+         temperature=0.5),
+    dict(k=None, normalize=False, reduction="sum", temperature=2.0),
+    dict(k="N", positive_weight=1.0, reduction="mean"),
+]
+TRITON_TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _own(x: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    """This rank's slice of a global (B,) / (B, D) tensor, or of an (N,) one (both halves)."""
+    b = sum(sizes)
+    off = sum(sizes[:rank])
+    if x.shape[0] == b:
+        return x[off: off + sizes[rank]]
+    return torch.cat([x[off: off + sizes[rank]], x[b + off: b + off + sizes[rank]]])
+
+
+def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference",
+              dtype=torch.float64, tol=TOL) -> None:
+    case = dict(case)
+    k_kind = case.pop("k")
+    label_kind = case.pop("labels", None)
+    b = sum(sizes)
+    z, z_aug = views(b, 5, seed=seed, dtype=dtype)
+    normalize = case.get("normalize", True)
+    k = None
+    if k_kind is not None:
+        k, _ = safe_threshold(z, z_aug, k_kind, normalize=normalize, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    labels = None
+    if label_kind is not None:
+        labels = torch.randint(0, 3, (b if label_kind == "B" else 2 * b,), generator=g)
+    upstream = (torch.rand(2 * b, generator=g, dtype=torch.float64) + 0.5).to(_loss_dtype(dtype))
+    soft_k = isinstance(k, torch.Tensor) and case.get("threshold") == "soft"
+
+    # single process, whole batch
+    zg, zag = z.clone().requires_grad_(True), z_aug.clone().requires_grad_(True)
+    kg = k.clone().requires_grad_(True) if soft_k else k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = adaptive_info_nce(zg, zag, kg, labels=labels, backend=backend, **case)
+    up_full = upstream if case.get("reduction") == "none" else torch.tensor(0.7, dtype=full.dtype)
+    inputs = [zg, zag] + ([kg] if soft_k else [])
+    grads_full = torch.autograd.grad(full, inputs, up_full)
+
+    # this rank's shard
+    zl = _own(z, sizes, rank).clone().requires_grad_(True)
+    zal = _own(z_aug, sizes, rank).clone().requires_grad_(True)
+    kl = k
+    if isinstance(k, torch.Tensor) and k.dim() == 1:
+        kl = _own(k, sizes, rank)
+    if soft_k:
+        kl = kl.clone().requires_grad_(True)
+    labels_l = None if labels is None else _own(labels, sizes, rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = adaptive_info_nce_distributed(zl, zal, kl, labels=labels_l, backend=backend, **case)
+    if case.get("reduction") == "none":
+        torch.testing.assert_close(got, _own(full, sizes, rank), **tol)
+        up = _own(upstream, sizes, rank)
+    else:
+        torch.testing.assert_close(got, full, **tol)
+        up = up_full
+    grads = torch.autograd.grad(got, [zl, zal] + ([kl] if soft_k else []), up)
+    torch.testing.assert_close(grads[0], _own(grads_full[0], sizes, rank), **tol)
+    torch.testing.assert_close(grads[1], _own(grads_full[1], sizes, rank), **tol)
+    if soft_k:
+        expected_dk = grads_full[2] if k.dim() == 0 else _own(grads_full[2], sizes, rank)
+        if k.dim() == 0:  # each rank's 0-d k reaches only its own rows: the ranks' dk sum to it
+            total = grads[2].clone()
+            dist.all_reduce(total)
+            torch.testing.assert_close(total, expected_dk, **TOL)
+        else:
+            torch.testing.assert_close(grads[2], expected_dk, **TOL)
+
+
+def _loss_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_here() -> bool:
+    z = torch.zeros(2, 2)
+    return backends.triton_unavailable_reason(prepare(z, z, None, None, make_options())) is None
+
+
+def _non_finite(sizes, rank: int, backend: str = "reference", dtype=torch.float64) -> None:
+    """A NaN or inf in one rank's rows: NaN loss and NaN gradients on every rank."""
+    for bad in (float("nan"), float("-inf")):
+        z, z_aug = views(sum(sizes), 4, seed=5, dtype=dtype)
+        z[sum(sizes) - 1, 2] = bad  # a row of the last rank
+        zl = _own(z, sizes, rank).clone().requires_grad_(True)
+        zal = _own(z_aug, sizes, rank).clone().requires_grad_(True)
+        for reduction in ("mean", "none"):
+            loss = adaptive_info_nce_distributed(zl, zal, 0.1, normalize=False, denominator="all",
+                                                 reduction=reduction, backend=backend)
+            assert torch.isnan(loss).all(), (bad, reduction, loss)
+            dz, dza = torch.autograd.grad(loss.sum(), [zl, zal])
+            assert torch.isnan(dz).all() and torch.isnan(dza).all(), (bad, reduction)
+
+
+def _disagreement(rank: int) -> None:
+    """Ranks passing different options all get the same clear error (no hang, no silent mix)."""
+    z, z_aug = views(3, 4, seed=rank)
+    try:
+        adaptive_info_nce_distributed(z, z_aug, temperature=0.5 + rank)
+    except ValueError as err:
+        assert "every rank must pass the same the options" in str(err), err
+    else:
+        raise AssertionError("mismatched options across ranks were accepted")
+
+
+def worker(rank: int, world: int, init_file: str, layouts) -> None:
+    """Every case for each layout (the B_r of every rank), then the error paths."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for sizes in layouts:
+            for i, case in enumerate(CASES):
+                try:
+                    _run_case(case, sizes, rank, seed=10 * i)
+                except Exception as err:
+                    raise AssertionError(f"rank {rank}, sizes {sizes}, case {case}: {err}") from err
+        _non_finite(layouts[0], rank)
+        if _triton_here():  # the fused kernels over row ranges (Triton's interpreter on a CPU)
+            for sizes in layouts:
+                for i, case in enumerate(TRITON_CASES):
+                    try:
+                        _run_case(case, sizes, rank, seed=100 + 10 * i, backend="triton",
+                                  dtype=torch.float32, tol=TRITON_TOL)
+                    except Exception as err:
+                        raise AssertionError(f"triton, rank {rank}, sizes {sizes}, case {case}: {err}") from err
+            _non_finite(layouts[0], rank, "triton", torch.float32)
+        _disagreement(rank)
+        dist.barrier()  # leave together (a teardown racing a busy peer can hang)
+    finally:
+        dist.destroy_process_group()

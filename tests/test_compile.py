@@ -1,0 +1,235 @@
+"""The loss under torch.compile: the registered custom op (adaptive_cl/ops.py).
+
+Compile cost is kept small: tiny shapes, the "aot_eager" compiler (Dynamo + AOTAutograd, which
+is what meets the op's fake implementation and autograd formula) for every option set, and one
+Inductor compile of the default path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_cl import AdaptiveInfoNCE, adaptive_info_nce, ops
+from adaptive_cl.backends import triton_unavailable_reason
+from adaptive_cl.contract import make_options, prepare
+from helpers import safe_threshold, views
+
+pytestmark = pytest.mark.skipif(not ops.AVAILABLE, reason="torch.library.custom_op needs torch >= 2.4")
+
+OPTION_NAMES = ("temperature", "normalize", "denominator", "weighting", "positive_weight",
+                "threshold", "threshold_scale", "reduction")
+
+
+#: The kernels run on CUDA where there is a GPU, else under Triton's interpreter on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_missing() -> str | None:
+    z = torch.zeros(2, 2, device=TRITON_DEVICE)
+    return triton_unavailable_reason(prepare(z, z, None, None, make_options()))
+
+
+def _missing(backend: str) -> str | None:
+    """Why a backend cannot run on this machine (None: it can)."""
+    if backend == "triton":
+        return _triton_missing()
+    if backend == "cpu":
+        from adaptive_cl import cpu
+
+        return cpu.load_error()
+    return None
+
+
+class Encoder(nn.Module):
+    """A small model whose forward ends in the loss, as users compile it."""
+
+    def __init__(self, dim: int, backend: str, **options):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim + 1)
+        self.loss = AdaptiveInfoNCE(backend=backend, **options)
+
+    def forward(self, x, x_aug, k=None, labels=None):
+        return self.loss(torch.tanh(self.proj(x)), self.proj(x_aug), k, labels)
+
+
+def _graph_ops(calls):
+    """A torch.compile backend that records the ops of each captured graph, then runs
+    aot_eager (so the op's fake implementation and autograd formula are traced)."""
+    from torch._dynamo import lookup_backend
+
+    aot_eager = lookup_backend("aot_eager")
+
+    def backend(gm, example_inputs):
+        calls.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def _run(model, x, x_aug, k, labels, upstream):
+    out = model(x, x_aug, k, labels)
+    leaves = [t for t in (x, x_aug, k) if isinstance(t, torch.Tensor) and t.requires_grad] + list(model.parameters())
+    return out, torch.autograd.grad(out, leaves, upstream)
+
+
+CASES = {
+    "reference": [
+        dict(k="B", labels=True, options=dict(temperature=0.5, reduction="none")),
+        dict(k="soft", options=dict(threshold="soft", threshold_scale=0.1, weighting="unit", positive_weight=0.3)),
+        dict(k="float", options=dict(denominator="all", normalize=False, reduction="sum")),
+    ],
+    "triton": [
+        dict(k="B", options=dict(reduction="none", denominator="all")),
+        dict(k="float", options=dict(weighting="unit", positive_weight=0.4, temperature=0.5)),
+    ],
+}
+
+
+CASES["cpu"] = CASES["reference"]  # the C++ extension covers every option
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+def test_fullgraph_compile_matches_eager(backend):
+    if _missing(backend):
+        pytest.skip(_missing(backend))
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    x, x_aug = views(6, 4, dtype=dtype, seed=3, device=device)
+    x.requires_grad_(True)
+    x_aug.requires_grad_(True)
+    for case in CASES[backend]:
+        model = Encoder(4, backend, **case["options"]).to(device, dtype)
+        with torch.no_grad():
+            e1, e2 = model.proj(x), model.proj(x_aug)
+        k = None
+        if case["k"] == "float":
+            k, _ = safe_threshold(torch.tanh(e1).double().cpu(), e2.double().cpu(), "scalar",
+                                  normalize=model.loss.options.normalize)
+        elif case["k"] in ("B", "soft"):
+            k, _ = safe_threshold(torch.tanh(e1).double().cpu(), e2.double().cpu(), "B")
+            k = k.to(device, dtype).requires_grad_(case["k"] == "soft")
+        labels = torch.tensor([0, 1, 0, 2, 1, 3], device=device) if case.get("labels") else None
+        n = 12
+        upstream = (torch.linspace(0.5, 1.5, n, dtype=dtype, device=device)
+                    if case["options"].get("reduction") == "none" else None)
+        eager, eager_grads = _run(model, x, x_aug, k, labels, upstream)
+
+        calls = []
+        torch._dynamo.reset()  # Dynamo caches per code object, across torch.compile wrappers
+        compiled = torch.compile(model, fullgraph=True, backend=_graph_ops(calls))  # a graph break raises
+        got, got_grads = _run(compiled, x, x_aug, k, labels, upstream)
+        assert len(calls) == 1 and "adaptive_cl.info_nce" in calls[0], calls  # one graph, the op in it
+        # The loss runs the same backend code inside the op; only the model's own ops and the
+        # autograd engine's summation order differ: a few ulps of the dtype.
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, eager, **tol)
+        for g, e in zip(got_grads, eager_grads):
+            torch.testing.assert_close(g, e, **tol)
+
+
+def test_inductor_compile_of_the_default_path():
+    """What a user gets from torch.compile(model) with every default (one Inductor compile)."""
+    torch.manual_seed(1)
+    model = Encoder(4, "auto")
+    x, x_aug = views(5, 4, dtype=torch.float32, seed=4)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        k, _ = safe_threshold(torch.tanh(model.proj(x)).double(), model.proj(x_aug).double(), "B")
+    eager, eager_grads = _run(model, x, x_aug, k.float(), None, None)
+    got, got_grads = _run(torch.compile(model, fullgraph=True), x, x_aug, k.float(), None, None)
+    # Inductor may reassociate the model's matmul/tanh: float32 rounding, a few ulps.
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ opcheck
+def _op_args(z, z_aug, k=None, k_value=None, labels=None, backend="reference", **options):
+    o = make_options(**options)
+    return (z, z_aug, k, k_value, labels) + tuple(getattr(o, f) for f in OPTION_NAMES) + (backend,)
+
+
+def _opcheck_samples(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    z, z_aug = views(5, 3, dtype=dtype, seed=7, device=device)
+    z.requires_grad_(True)
+    z_aug.requires_grad_(True)
+    z64, z_aug64 = z.detach().double().cpu(), z_aug.detach().double().cpu()
+    k_b, _ = safe_threshold(z64, z_aug64, "B", seed=1)
+    k_n, _ = safe_threshold(z64, z_aug64, "N", seed=2)
+    value, _ = safe_threshold(z64, z_aug64, "scalar", seed=3)
+    k_b, k_n = k_b.to(device, dtype), k_n.to(device, dtype)
+    yield _op_args(z, z_aug, k_value=value, backend=backend)
+    yield _op_args(z, z_aug, k=k_n, backend=backend, reduction="none", denominator="all")
+    yield _op_args(z, z_aug, backend=backend, normalize=False, reduction="sum", temperature=2.0)
+    if backend in ("reference", "cpu"):
+        labels = torch.tensor([0, 1, 0, 2, 1])
+        yield _op_args(z, z_aug, k=k_b.clone().requires_grad_(True), labels=labels, backend=backend,
+                       threshold="soft", weighting="unit", positive_weight=0.3)
+        yield _op_args(z, z_aug, labels=labels.repeat(2), backend=backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton", "cpu"])
+def test_opcheck(backend):
+    if _missing(backend):
+        pytest.skip(_missing(backend))
+    for args in _opcheck_samples(backend):
+        torch.library.opcheck(torch.ops.adaptive_cl.info_nce.default, args)
+
+
+def test_op_with_the_compiled_backend(monkeypatch):
+    """backend="compiled" inside the op (a nested torch.compile): values and gradients. The
+    nested compiler is swapped for aot_eager to keep CI cheap; the plumbing is the same."""
+    import functools
+
+    from adaptive_cl import backends
+    from adaptive_cl.reference import adaptive_info_nce_reference
+
+    monkeypatch.setattr(backends, "_compiled_reference", functools.lru_cache(None)(
+        lambda: torch.compile(adaptive_info_nce_reference, backend="aot_eager", dynamic=False)))
+    z, z_aug = views(4, 3, seed=8)
+    z.requires_grad_(True)
+    expected = adaptive_info_nce(z, z_aug, 0.1, backend="reference")
+    (g_expected,) = torch.autograd.grad(expected, z)
+    got, _ = torch.ops.adaptive_cl.info_nce(*_op_args(z, z_aug, k_value=0.1, backend="compiled"))
+    (g_got,) = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+
+
+def test_schema_is_the_documented_one():
+    schema = str(torch.ops.adaptive_cl.info_nce.default._schema)
+    assert schema == "adaptive_cl::info_nce" + ops.FORWARD_SCHEMA
+    assert "Tensor? k, float? k_value, Tensor? labels, float temperature" in schema
+    backward = str(torch.ops.adaptive_cl.info_nce_backward.default._schema)
+    assert backward.startswith("adaptive_cl::info_nce_backward(Tensor grad, Tensor z, Tensor z_aug")
+
+
+def test_op_rejects_bad_arguments():
+    z, z_aug = views(3, 2)
+    with pytest.raises(ValueError, match="not both"):
+        torch.ops.adaptive_cl.info_nce(*_op_args(z, z_aug, k=torch.zeros(3, dtype=z.dtype), k_value=0.1))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        torch.ops.adaptive_cl.info_nce(*_op_args(z, z_aug, backend="cuda"))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        args = list(_op_args(z, z_aug))
+        args[5 + OPTION_NAMES.index("reduction")] = "avg"
+        torch.ops.adaptive_cl.info_nce(*args)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        torch.ops.adaptive_cl.info_nce(*_op_args(z, z_aug, labels=torch.zeros(3)))
+
+
+def test_eager_calls_do_not_go_through_the_op(monkeypatch):
+    """Eager mode runs the backend directly (double backward keeps working on the reference)."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the op was called in eager mode")
+
+    monkeypatch.setattr(ops, "info_nce", fail)
+    z, z_aug = views(3, 2)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad(adaptive_info_nce(z, z_aug, backend="reference"), z, create_graph=True)
+    assert g.requires_grad
