@@ -216,7 +216,7 @@ def _prepare_labels(labels: object, z: torch.Tensor) -> torch.Tensor | None:
 
 
 def unbounded_loss_warning(options: LossOptions, has_k: bool, has_labels: bool, stacklevel: int = 2) -> None:
-    """Warn when the options make the loss unbounded below (SPEC.md); ``stacklevel`` counts from
+    """Warn when the options make the loss unbounded below (see :mod:`adaptive_cl.reference`); ``stacklevel`` counts from
     the caller of this function, as ``warnings.warn``'s does."""
     if not options.normalize and options.denominator == "negatives" and (has_k or has_labels):
         warnings.warn(

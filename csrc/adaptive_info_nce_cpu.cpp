@@ -1,4 +1,5 @@
-// Fused CPU forward and backward of the AdaptiveRec InfoNCE (SPEC.md; contract in adaptive_cl/).
+// Fused CPU forward and backward of the AdaptiveRec InfoNCE (the loss of adaptive_cl/reference.py;
+// options and inputs checked in adaptive_cl/contract.py).
 //
 // Work is split into blocks of BM rows; a task owns its rows and walks every column tile of BN
 // columns in order, so nothing N x N is stored (per task: one BM x BN tile), each output row is
@@ -6,7 +7,7 @@
 // order whatever the number of threads: 1 and 2 threads give the same bits.
 //   forward : tile = Zhat_I Zhat_J^T, then per row the log-sum-exp, |A(i)|, sum_A and the partner
 //             (loss_terms.h), then the row's loss from those four numbers.
-//   backward: S is symmetric, so dL/dzhat_I = sum_J (G_IJ + G_JI^T) Zhat_J (KERNEL-NOTES §1): the
+//   backward: S is symmetric, so dL/dzhat_I = sum_J (G_IJ + G_JI^T) Zhat_J (reference.py, "Gradient in the logits"): the
 //             same tile gives row I's gradient entries and, with the column rows' statistics,
 //             row J's; one pass, two products per tile, then F.normalize's Jacobian per row.
 #include <torch/extension.h>

@@ -1,4 +1,4 @@
-// The per-entry mathematics of the loss (SPEC.md), one vector of columns of one row at a time.
+// The per-entry mathematics of the loss (adaptive_cl/reference.py), one vector of columns of one row at a time.
 //
 // Notation: c the (clamped) cosine or dot, s = c / tau, a the extra-positive membership (0/1
 // hard, a sigmoid soft, 1 for same-label pairs), q the denominator weight (1 - a with

@@ -9,7 +9,7 @@
 // Symmetry: every similarity c_ij is one fused multiply-add chain over d = 0..D-1 in the same
 // kernel, fma(zhat_i[d], zhat_j[d], acc), and fma is commutative in its product, so c_ij and
 // c_ji have the same bits. The backward builds row j's gradient of entry (i, j) from c_ij
-// (KERNEL-NOTES' symmetric one-pass backward); equal bits make its threshold decisions the
+// (the symmetric one-pass backward, csrc/README.md); equal bits make its threshold decisions the
 // forward's. Edge tiles are padded rather than handled by a second kernel for the same reason.
 #pragma once
 

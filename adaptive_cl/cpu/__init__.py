@@ -27,7 +27,7 @@ def unsupported_reason(p: Prepared) -> str | None:
 
 
 def adaptive_info_nce_cpu(p: Prepared) -> torch.Tensor:
-    """The loss of SPEC.md via the fused C++ kernels; gradients to z, z_aug and k."""
+    """The loss of :mod:`adaptive_cl.reference` via the fused C++ kernels; gradients to z, z_aug and k."""
     z, z_aug, k_rows = p.z, p.z_aug, p.k_rows
     if z.dtype not in (torch.float32, torch.float64):  # half types accumulate in float32
         z, z_aug = z.float(), z_aug.float()

@@ -26,7 +26,7 @@ class AdaptiveInfoNCECPUFunction(torch.autograd.Function):
     """apply(z, z_aug, k_rows, labels_rows, options) -> the loss in z's dtype (float32/float64).
 
     ``k_rows``: None or the (N,) thresholds in z's dtype (zero gradient for the hard threshold,
-    SPEC.md's soft gradient for ``threshold="soft"``); ``labels_rows``: None or (N,) int64.
+    the reference's soft gradient for ``threshold="soft"``); ``labels_rows``: None or (N,) int64.
     Differentiable once."""
 
     @staticmethod
@@ -56,6 +56,6 @@ class AdaptiveInfoNCECPUFunction(torch.autograd.Function):
             dz, dza, dk = extension().backward(z, z_aug, k_rows, labels_rows, stats, u,
                                                *_option_args(o), need_k)
         if need_k and o.threshold == "hard":
-            dk = torch.zeros_like(k_rows)  # the hard threshold is flat in k (SPEC.md)
+            dk = torch.zeros_like(k_rows)  # the hard threshold is flat in k (adaptive_cl.reference)
         return (dz if ctx.needs_input_grad[0] else None, dza if ctx.needs_input_grad[1] else None,
                 dk if need_k else None, None, None)
