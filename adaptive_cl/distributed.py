@@ -275,8 +275,8 @@ def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bo
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).tolist()
-    for what, col in (("the feature size D", 1), ("the dtype", 2),
-                      ("the options (and whether k and labels are given)", 3)):
+    for what, col in (("feature size D", 1), ("dtype", 2),
+                      ("options (and give k and labels alike)", 3)):
         if len({row[col] for row in table}) != 1:
             raise ValueError(f"every rank must pass the same {what}; ranks disagree: "
                              f"{[row[col] for row in table]}")

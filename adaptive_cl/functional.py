@@ -67,7 +67,9 @@ def adaptive_info_nce(
             differentiable in k).
         threshold_scale: the soft threshold's scale beta > 0.
         reduction: "mean" | "sum" | "none" (the N per-row losses).
-        backend: "auto" | "reference" | "compiled" | "triton".
+        backend: "auto" | "reference" | "compiled" | "triton" | "cpu" (see the README's
+            options table; "auto": the Triton kernel on CUDA where it covers the options, the
+            C++ extension on CPU, else the reference).
 
     Returns:
         The loss in float32 (float64 for float64 inputs); gradients reach z, z_aug in their

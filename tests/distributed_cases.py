@@ -148,7 +148,7 @@ def _disagreement(rank: int) -> None:
     try:
         adaptive_info_nce_distributed(z, z_aug, temperature=0.5 + rank)
     except ValueError as err:
-        assert "every rank must pass the same the options" in str(err), err
+        assert "every rank must pass the same options" in str(err), err
     else:
         raise AssertionError("mismatched options across ranks were accepted")
 
