@@ -41,6 +41,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from adaptive_cl.rec.atomic import atomic_write_text  # noqa: E402  (after the path is set)
+
 IMPLS = ("eager", "compiled", "cpu")
 MODE = "fwd+bwd"
 #: The issue's "Done when", read at N = 4096 (speed and memory) and N = 512 (speed).
@@ -242,10 +244,9 @@ def main(argv=None) -> int:
         slug += f"-{args.threads}t"
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"cpu-{slug}-{date}")
-    with open(base + ".json", "w") as f:
-        json.dump(doc, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(summary_markdown(doc))
+    # never a partial record: a kill mid-write leaves the previous file (or none)
+    atomic_write_text(base + ".json", json.dumps(doc, indent=1))
+    atomic_write_text(base + ".md", summary_markdown(doc))
     print(summary_markdown(doc))
     return 0
 

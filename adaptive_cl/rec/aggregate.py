@@ -14,6 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_savefig, atomic_write_text
 from .published import SOURCES, published
 
 RESULT_NAME = re.compile(r"^(?P<method>[a-z0-9_]+)-seed(?P<seed>\d+)\.json$")
@@ -202,7 +203,7 @@ def plot(records, summaries, dataset: str, path: Path) -> Path | None:
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110, metadata={"Software": None})
+    atomic_savefig(fig, path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
 
@@ -210,8 +211,6 @@ def plot(records, summaries, dataset: str, path: Path) -> Path | None:
 def write_report(results_dir: str | Path, dataset: str, *, command: str,
                  unfinished: list[str] = ()) -> Path:
     """(Re)write ``results_dir/README.md`` (and the plot) from the finished runs there."""
-    from .train import atomic_write_text
-
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     records = load_results(results_dir)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write_text
 from .data import FORMATS, DataFormatError, detect_format, leave_one_out, load_dataset
 from .ddp import DataParallel
 from .environment import describe, peak_memory_mib
@@ -54,7 +55,6 @@ from .train import (
     CheckpointError,
     Trainer,
     TrainConfig,
-    atomic_write_text,
 )
 
 SYNTHETIC_EPOCHS, SYNTHETIC_MAX_LEN = 3, 20

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from .atomic import atomic_savefig  # noqa: E402
+
 
 def _epochs(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     rows = [row for row in history if row.get(key) is not None]
@@ -89,7 +91,7 @@ def plot_uniformity_alignment(results: dict, path: Path, decompose: bool = False
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
     return path
 

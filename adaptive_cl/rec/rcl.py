@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -56,6 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .atomic import atomic_savez
 from .data import LeaveOneOutSplit
 from .model import SASRec
 from .objectives import Batch, ContrastiveTerm, ObjectiveOutput, _check_weight, encode
@@ -186,21 +186,6 @@ def cache_key(indptr: np.ndarray, features: np.ndarray, alpha: float, ngram: int
     return digest.hexdigest()
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``path`` so that it is either absent or complete: a temporary file in the same
-    directory, fsynced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _load_cache(path: Path, key: str) -> tuple[np.ndarray, ...] | None:
     """The cached neighbours, or None when the file is absent, unreadable or for other data
     (a damaged cache is recomputed, never trusted)."""
@@ -242,7 +227,7 @@ def weak_positives(
         if cache_dir is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # int32 / float32 halve the file (Beauty: ~40 MB); the draw needs no more.
-            _atomic_savez(path, key=np.array(key), indptr=neighbours[0],
+            atomic_savez(path, key=np.array(key), indptr=neighbours[0],
                           neighbours=neighbours[1].astype(np.int32),
                           similarities=neighbours[2].astype(np.float32))
     return WeakPositives(*neighbours, sample_row, last_sample, indptr, features)

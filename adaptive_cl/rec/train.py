@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import random
 import time
 import warnings
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from ..backends import BACKENDS
+from .atomic import atomic_save
 from .augment import Augmenter
 from .data import LeaveOneOutSplit
 from .ddp import DataParallel
@@ -279,36 +279,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in
-    the same directory, fsync it, ``os.replace`` it over ``path``, fsync the directory."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, as :func:`atomic_save`."""
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _atomic_write(path: str | Path, write: Callable) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class CheckpointError(ValueError):
