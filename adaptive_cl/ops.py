@@ -53,6 +53,7 @@ import torch
 
 from . import backends
 from .contract import LossOptions, Prepared, compute_dtype, make_options, prepare
+from .reference import reduce
 
 #: Whether this torch can register the ops (``torch.library.custom_op`` with an explicit
 #: schema, torch >= 2.4).
@@ -84,14 +85,6 @@ def _loss_like(p: Prepared) -> torch.Tensor:
     n = 2 * p.batch
     shape = (n,) if p.options.reduction == "none" else ()
     return p.z.new_empty(shape, dtype=p.compute_dtype)
-
-
-def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
 
 
 # ------------------------------------------------------------------------ per-backend adapters
@@ -138,7 +131,7 @@ class _Triton:
         k_rows = None if p.k_scalar is not None else p.k_rows
         with f._on_device(p.z):
             loss, stats = f.forward_stats(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
-        return _reduce(loss, p.options.reduction), stats
+        return reduce(loss, p.options.reduction), stats
 
     @staticmethod
     def backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
@@ -162,32 +155,22 @@ class _CPU:
         return 4, p.compute_dtype
 
     @staticmethod
-    def _inputs(z, z_aug):
-        # half types are computed in float32, as adaptive_info_nce_cpu does
-        return (z, z_aug) if z.dtype in (torch.float32, torch.float64) else (z.float(), z_aug.float())
-
-    @classmethod
-    def forward(cls, fn, p: Prepared):
+    def forward(fn, p: Prepared):
         from .cpu.build import extension
-        from .cpu.function import _REDUCTION_CODE, _option_args
+        from .cpu.function import _REDUCTION_CODE, _option_args, compute_inputs
 
-        z, z_aug = cls._inputs(p.z, p.z_aug)
+        z, z_aug = compute_inputs(p.z, p.z_aug)
         return extension().forward(z, z_aug, p.k_rows, p.labels_rows, *_option_args(p.options),
                                    _REDUCTION_CODE[p.options.reduction])
 
-    @classmethod
-    def backward(cls, fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
+    @staticmethod
+    def backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
         from .cpu.build import extension
-        from .cpu.function import _option_args
+        from .cpu.function import _option_args, compute_inputs, upstream_rows
 
         p = _prepare(z, z_aug, k, k_value, labels, options)
-        zc, zac = cls._inputs(z, z_aug)
-        n = 2 * p.batch
-        grad = grad.to(zc.dtype)
-        if options.reduction == "none":
-            u = grad.contiguous()
-        else:  # the reduction's factor and the upstream gradient as one weight per row
-            u = (grad / n if options.reduction == "mean" else grad).reshape(1).expand(n).contiguous()
+        zc, zac = compute_inputs(z, z_aug)
+        u = upstream_rows(grad, options.reduction, 2 * p.batch, zc.dtype)
         soft_k = k is not None and options.threshold == "soft"
         dz, dza, dk_rows = extension().backward(zc, zac, p.k_rows, p.labels_rows, row_stats, u,
                                                 *_option_args(options), soft_k)

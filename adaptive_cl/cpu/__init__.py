@@ -13,7 +13,7 @@ import torch
 from ..contract import Prepared
 from . import build
 from .build import disabled, load_error
-from .function import AdaptiveInfoNCECPUFunction
+from .function import AdaptiveInfoNCECPUFunction, compute_inputs
 
 __all__ = ["AdaptiveInfoNCECPUFunction", "adaptive_info_nce_cpu", "build", "disabled", "load_error",
            "unsupported_reason"]
@@ -28,7 +28,5 @@ def unsupported_reason(p: Prepared) -> str | None:
 
 def adaptive_info_nce_cpu(p: Prepared) -> torch.Tensor:
     """The loss of :mod:`adaptive_cl.reference` via the fused C++ kernels; gradients to z, z_aug and k."""
-    z, z_aug, k_rows = p.z, p.z_aug, p.k_rows
-    if z.dtype not in (torch.float32, torch.float64):  # half types accumulate in float32
-        z, z_aug = z.float(), z_aug.float()
-    return AdaptiveInfoNCECPUFunction.apply(z, z_aug, k_rows, p.labels_rows, p.options)
+    z, z_aug = compute_inputs(p.z, p.z_aug)  # half types accumulate in float32
+    return AdaptiveInfoNCECPUFunction.apply(z, z_aug, p.k_rows, p.labels_rows, p.options)

@@ -17,6 +17,23 @@ from .build import extension
 _REDUCTION_CODE = {"mean": 0, "sum": 1, "none": 2}
 
 
+def upstream_rows(grad: torch.Tensor, reduction: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (N,) per-row weights u_i = dL/dl_i the backward takes: the upstream gradient times
+    the reduction's factor (1/N for "mean"), or the (N,) upstream gradient itself ("none")."""
+    grad = grad.to(dtype)
+    if reduction == "none":
+        return grad.contiguous()
+    return (grad / n if reduction == "mean" else grad).reshape(1).expand(n).contiguous()
+
+
+def compute_inputs(z: torch.Tensor, z_aug: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views as the extension takes them: float32/float64 as they are, half types in
+    float32 (the contract's accumulation dtype)."""
+    if z.dtype in (torch.float32, torch.float64):
+        return z, z_aug
+    return z.float(), z_aug.float()
+
+
 def _option_args(o: LossOptions) -> tuple:
     return (o.temperature, o.normalize, o.denominator == "all", o.weighting == "unit",
             o.positive_weight, o.threshold == "soft", o.threshold_scale)
@@ -43,12 +60,7 @@ class AdaptiveInfoNCECPUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         z, z_aug, k_rows, labels_rows, stats = ctx.saved_tensors
         o = ctx.options
-        n = 2 * z.shape[0]
-        grad = grad.to(z.dtype)
-        if o.reduction == "none":
-            u = grad
-        else:
-            u = (grad / n if o.reduction == "mean" else grad).reshape(1).expand(n)
+        u = upstream_rows(grad, o.reduction, 2 * z.shape[0], z.dtype)
         need_zs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_k = ctx.needs_input_grad[2]
         dz = dza = dk = None
