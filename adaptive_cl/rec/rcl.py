@@ -1,5 +1,6 @@
 """RCL: relative contrastive learning with strong and weak positives (Wang et al., CIKM 2024,
-arXiv 2504.19178), on the DuoRec protocol's training samples.
+arXiv 2504.19178), on the DuoRec protocol's training samples. Equation and section numbers are
+the paper's (its text ships as CIKM.pdf in the authors' repository, Cloudcatcher888/RCL).
 
 Positives (the paper's Section 3.1):
 

@@ -186,6 +186,14 @@ def test_aggregation_table_paired_differences_and_published_numbers(tmp_path):
     assert again.read_text() == readme  # derived from the files alone: rebuilding is idempotent
 
 
+def test_every_published_entry_names_an_explained_source():
+    from adaptive_cl.rec.published import SOURCES
+
+    used = {p.source for entries in PUBLISHED.values() for p in entries}
+    assert used <= set(SOURCES), used - set(SOURCES)
+    assert len(SOURCES) <= 4  # the plot has four markers for published points
+
+
 def test_a_result_that_does_not_match_its_name_is_an_error(tmp_path):
     (tmp_path / "sasrec-seed0.json").write_text(json.dumps(_record("duorec", 0, .1, .2)))
     with pytest.raises(ValueError, match="sasrec-seed0.json"):
