@@ -306,13 +306,17 @@ def load_data(args: argparse.Namespace, max_len: int):
     if args.data is None:
         data = make_synthetic()
         return data, leave_one_out(data, max_len=max_len)
+    fmt = args.format
     try:
-        fmt = detect_format(args.data) if args.format == "auto" else args.format
+        if fmt == "auto":
+            fmt = detect_format(args.data)
         data = load_dataset(args.data, fmt)
         return data, leave_one_out(data, max_len=max_len)
     except DataFormatError as err:
         if err.format_hint:
             how = f"; pass --format (one of {', '.join(FORMATS)})"
+        elif fmt == "auto":  # the file failed before any format was detected (e.g. empty)
+            how = ""
         elif args.format == "auto":
             how = f" (read as the detected --format {fmt})"
         else:

@@ -172,6 +172,10 @@ def test_bad_data(tmp_path, capsys, no_training):
     # Detected as sequences, then one bad token: the line, the token and the flag.
     refused(["--data", str(path)], capsys, str(path), "line 6", "'x'", "--format")
     refused(["--data", str(path), "--format", "sequences"], capsys, "line 6", "--format sequences")
+    # Empty (or blank) before any format is known: once an UnboundLocalError traceback.
+    for text in ("", "\n  \n"):
+        path.write_text(text)
+        refused(["--data", str(path)], capsys, "argument --data", str(path), "empty")
     path.write_text("1 2 3 4\n2 5 6 7\n")  # well-formed, but far too sparse
     refused(["--data", str(path), "--format", "sequences"], capsys, "argument --data",
             "5-core filter", "removed all 6 interactions")
