@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from . import aggregate
+from . import aggregate, cli
+from .data import FORMATS
 from .environment import describe
 from .atomic import atomic_write_text
 from .train import CHECKPOINT, METHODS, CheckpointError, read_checkpoint
@@ -498,7 +499,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespac
                                 epilog="Arguments after -- go to every training run "
                                        "(e.g. -- --epochs 1 --max-len 10).")
     p.add_argument("--data", type=Path, help="interaction file (default: the synthetic data)")
-    p.add_argument("--format", default="auto", help="its format (see adaptive-cl-train --help)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="its format (see adaptive-cl-train --help)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help=f"default: all of {', '.join(default_methods())}")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="SEED")
@@ -518,6 +520,8 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespac
     p.add_argument("--dry-run", action="store_true", help="print the plan and what would run")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table")
     args = p.parse_args(argv)
+    if args.data is not None and args.data.is_dir():
+        p.error(f"argument --data: {args.data} is a directory; expected an interaction file")
     if args.data is not None and not args.data.is_file():
         p.error(f"argument --data: no such file: {args.data}")
     clash = [a for a in train_args if a.split("=", 1)[0] in PLAN_FLAGS]
@@ -533,7 +537,25 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespac
         args.plan = make_plan(dataset_name(args.data), args.methods, args.seeds)
     except ValueError as err:
         p.error(f"argument --methods/--seeds: {err}")
+    _check_training_arguments(p, args, train_args)
     return args, train_args
+
+
+def _check_training_arguments(p: argparse.ArgumentParser, args: argparse.Namespace,
+                              train_args: list[str]) -> None:
+    """Parse every method's training command as its runs will, before any run starts: a bad
+    argument after ``--`` is one error now, not a failed (and then skipped) run per plan entry."""
+    for method in dict.fromkeys(run.method for run in args.plan):
+        argv = ["--method", method, "--seed", str(args.plan[0].seed), "--device", args.device,
+                "--out", "unused", "--no-progress", *train_args]
+        if args.data is not None:
+            argv += ["--data", str(args.data)] + ([] if args.format == "auto"
+                                                  else ["--format", args.format])
+        try:
+            cli.build_config(cli.parse_args(argv))
+        except cli.CLIError as err:
+            p.error(f"arguments after -- (for --method {method}; --methods narrows the plan): "
+                    f"{err}")
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = PROG) -> int:
