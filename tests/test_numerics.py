@@ -1,5 +1,6 @@
-"""The contract's numeric rules on the reference and compiled backends: non-finite inputs,
-small temperatures, rows of extreme magnitude under normalize=True.
+"""The contract's numeric rules on the reference, the C++ extension (``cpu_backend``) and the
+compiled backend: non-finite inputs, small temperatures, rows of extreme magnitude under
+normalize=True.
 
 (The Triton kernel's side of the same rules is tested in tests/kernels.)
 """
@@ -45,13 +46,13 @@ NON_FINITE = [
 @pytest.mark.filterwarnings("ignore:normalize=False")
 @pytest.mark.parametrize("value, where, normalize, threshold, denominator, dtype", NON_FINITE)
 def test_one_non_finite_element_makes_every_row_and_gradient_nan(
-        value, where, normalize, threshold, denominator, dtype):
+        cpu_backend, value, where, normalize, threshold, denominator, dtype):
     z, z_aug = views(5, 4, seed=21)
     k, _ = safe_threshold(z, z_aug, "B", normalize=normalize, seed=22)
     z, z_aug = z.to(dtype), z_aug.to(dtype)
     (z if where == "z" else z_aug)[3, 1] = BAD[value]
     options = dict(normalize=normalize, threshold=threshold, denominator=denominator,
-                   backend="reference")
+                   backend=cpu_backend)
     rows, dz, dz_aug = rows_and_grads(z, z_aug, k.to(dtype), **options)
     assert torch.isnan(rows).all(), rows
     assert torch.isnan(dz).all() and torch.isnan(dz_aug).all()
@@ -71,7 +72,7 @@ def test_nan_threshold_soft_makes_only_its_row_nan():
 
 # ---------------------------------------------------------------------- small temperatures
 
-def test_small_temperature_float32_matches_float64():
+def test_small_temperature_float32_matches_float64(cpu_backend):
     # The issue's case: B=4, D=8, k=0.4, tau=0.002. Some row's largest candidate is an extra
     # positive (weight 0 in the "negatives" LSE) far above the rest: a shift taken from it made
     # every weighted exp underflow in float32 and the row NaN.
@@ -81,9 +82,9 @@ def test_small_temperature_float32_matches_float64():
     assert margin >= 1e-4  # so float32 rounding of c (~1e-7) cannot flip a decision
     for threshold, scale in (("hard", 0.05), ("soft", 1e-3)):
         options = dict(temperature=0.002, threshold=threshold, threshold_scale=scale,
-                       reduction="none", backend="reference")
-        got = adaptive_info_nce(z, z_aug, k, **options)
-        want = adaptive_info_nce(z64, z_aug64, k, **options)
+                       reduction="none")
+        got = adaptive_info_nce(z, z_aug, k, backend=cpu_backend, **options)
+        want = adaptive_info_nce(z64, z_aug64, k, backend="reference", **options)
         # float32 cosines carry ~1e-7 of rounding, which 1/tau = 500 turns into ~5e-5 per logit.
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
         assert want.abs().max() > 10  # a regime where the shift matters
@@ -93,11 +94,13 @@ def test_small_temperature_float32_matches_float64():
     ("negatives", "normalized", "hard"), ("negatives", "unit", "soft"),
     ("all", "normalized", "soft"), ("all", "unit", "hard"),
 ])
-def test_any_allowed_temperature_gives_a_finite_loss(denominator, weighting, threshold):
-    z, z_aug = views(6, 5, seed=25, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_any_allowed_temperature_gives_a_finite_loss(cpu_backend, denominator, weighting,
+                                                     threshold, dtype):
+    z, z_aug = views(6, 5, seed=25, dtype=dtype)
     z_aug[0] = z[1]  # an exact duplicate: a cosine of 1, far above every other candidate
     options = dict(denominator=denominator, weighting=weighting, threshold=threshold,
-                   backend="reference")
+                   backend=cpu_backend)
     for tau in (1e-2, 1e-4, 1e-8, 1e-20, MIN_TEMPERATURE):
         for k in (-0.3, 0.0, 0.5):
             rows, dz, dz_aug = rows_and_grads(z, z_aug, k, temperature=tau, **options)
@@ -129,7 +132,7 @@ MAGNITUDES = [1e19, 1e30, 1e-15, 1e-20, 1e-25, 1e-40, 3e-13, 1.0]
 
 
 @pytest.mark.parametrize("denominator", ["negatives", "all"])
-def test_extreme_rows_normalize_as_float64_f_normalize(denominator):
+def test_extreme_rows_normalize_as_float64_f_normalize(cpu_backend, denominator):
     z, z_aug = views(len(MAGNITUDES), 6, seed=26)
     k, _ = safe_threshold(z, z_aug, "B", seed=27)
     scales = torch.tensor(MAGNITUDES, dtype=torch.float64)[:, None]
@@ -137,7 +140,7 @@ def test_extreme_rows_normalize_as_float64_f_normalize(denominator):
     z_aug = (z_aug / z_aug.abs().amax(dim=1, keepdim=True)).float()
     want, want_dz, want_dz_aug = float64_normalize_rows(z, z_aug, k, denominator=denominator)
     got, dz, dz_aug = rows_and_grads(z, z_aug, k.float(), denominator=denominator,
-                                     backend="reference")
+                                     backend=cpu_backend)
     # Rows 0, 1 (huge) behave as unit rows, the others as (nearly) zero rows: none of the
     # decisions of k sits near a cosine the float32 rounding could flip (margin >= 1e-4).
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
