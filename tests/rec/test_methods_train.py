@@ -10,7 +10,8 @@ import torch
 from adaptive_cl.rec import cli
 from adaptive_cl.rec.data import leave_one_out
 from adaptive_cl.rec.synthetic import make_synthetic
-from adaptive_cl.rec.train import CHECKPOINT, TrainConfig, Trainer, train
+from adaptive_cl.rec.train import TrainConfig, Trainer
+from test_train import check_resume_is_bit_identical
 
 BEAUTY = Path("/work/shared/data/Beauty.txt")
 
@@ -54,43 +55,12 @@ def test_epoch_cap(split):
     assert len(trainer._batches()) == 2
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 # The threshold variants' state is covered by test_train's resume test; these two cover what
 # RCL and MCLRec add (the cached weak positives, the augmenters and their own Adam).
 @pytest.mark.parametrize("kw", [dict(method="rcl"), dict(method="mclrec")])
 def test_resume_is_bit_identical(split, tmp_path, kw):
     cfg = config(**kw, max_batches=3)  # a few steps per epoch show what resume restores
-    full = train(cfg, split, tmp_path / "full")
-
-    def stop_after_two(row):
-        if row["epoch"] == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train(cfg, split, tmp_path / "cut", callback=stop_after_two)
-    resumed = train(cfg, split, tmp_path / "cut", resume=True)
-
-    def strip(history):
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
-
-    assert resumed["test"] == full["test"] and strip(resumed["history"]) == strip(full["history"])
-    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
-    b = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
-    for part in ("model", "objective", "optimizer", "rng"):
-        assert _equal(a[part], b[part]), part
+    a, _ = check_resume_is_bit_identical(cfg, split, tmp_path)
     if kw["method"] == "mclrec":
         assert a["objective"]["_extra_state"]["augmenter_optimizer"]["state"]
     if kw["method"] == "rcl":  # the weak positives were cached next to the checkpoint
