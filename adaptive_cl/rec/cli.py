@@ -77,46 +77,27 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see --help)")
 
 
-def _positive(kind: type):
+def number(kind: type, accept, requirement: str):
+    """An argparse ``type``: ``kind(text)`` that ``accept`` holds for, else an error saying
+    ``requirement`` (NaN fails every comparison, so it is refused too)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not 0 < value < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return value
     return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid int") from None
-    if not 0 <= value < 2**32:  # numpy's seed range
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
-    return value
+def positive(kind: type):
+    return number(kind, lambda v: 0 < v < float("inf"), "finite and > 0")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid float") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text!r}")
-    return value
+_seed = number(int, lambda v: 0 <= v < 2**32, "in [0, 2**32)")  # numpy's seed range
+_fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_non_negative = number(float, lambda v: 0 <= v < float("inf"), "finite and >= 0")
 
 
 #: Method-specific flags: (flag, TrainConfig field, the method it belongs to).
@@ -191,12 +172,12 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
     p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
     p.add_argument("--preset", default="default", choices=PRESETS)
-    p.add_argument("--epochs", type=_positive(int))
-    p.add_argument("--batch-size", type=_positive(int))
-    p.add_argument("--lr", type=_positive(float))
-    p.add_argument("--max-len", type=_positive(int))
-    p.add_argument("--patience", type=_positive(int))
-    p.add_argument("--max-batches", type=_positive(int),
+    p.add_argument("--epochs", type=positive(int))
+    p.add_argument("--batch-size", type=positive(int))
+    p.add_argument("--lr", type=positive(float))
+    p.add_argument("--max-len", type=positive(int))
+    p.add_argument("--patience", type=positive(int))
+    p.add_argument("--max-batches", type=positive(int),
                    help="train at most this many batches per epoch (smoke tests)")
     p.add_argument("--device", type=_device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
@@ -205,7 +186,7 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
                    help="run the training passes eagerly (default on CUDA: torch.compile)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode ('reduce-overhead' adds CUDA graphs)")
-    p.add_argument("--threads", type=_positive(int),
+    p.add_argument("--threads", type=positive(int),
                    help=f"CPU threads for PyTorch (default: half the usable CPUs, at most "
                         f"{MAX_DEFAULT_THREADS}; {default_threads()} here)")
     p.add_argument("--out", type=Path, help="directory for results.json, run.json (device, "

@@ -479,14 +479,7 @@ def _jobs(text: str) -> int | str:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+_seconds = cli.positive(float)
 
 
 def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespace, list[str]]:
