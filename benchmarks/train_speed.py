@@ -45,7 +45,6 @@ def slug(name: str) -> str:
 
 def measure(method: str, split, args, torch) -> dict:
     from adaptive_cl.rec.environment import describe, peak_memory_mib
-    from adaptive_cl.rec.objectives import Batch
     from adaptive_cl.rec.train import TrainConfig, Trainer
 
     device = torch.device(args.device)
@@ -90,13 +89,7 @@ def measure(method: str, split, args, torch) -> dict:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for idx in batches:
-                positives = None
-                if trainer.objective.needs_positives:
-                    positives = trainer.train_inputs[trainer.same_target.sample(idx, trainer.generator)]
-                out = trainer._step(Batch(trainer.train_inputs[idx], trainer.train_targets[idx],
-                                          positives))
-                if out.views is not None:
-                    trainer.stats.update(*out.views)
+                trainer.train_step(idx)
             syncs = "none"
         except RuntimeError as err:
             syncs = f"FAIL: {str(err).splitlines()[0]}"

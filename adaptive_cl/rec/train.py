@@ -634,6 +634,24 @@ class Trainer:
         self.optimizer.step()
         return out
 
+    def train_step(self, idx: torch.Tensor) -> ObjectiveOutput:
+        """One step on the training samples ``idx`` (a batch of ``_batches``): the same-target
+        partners drawn, the step taken, the contrastive views added to the epoch's statistics
+        (under DDP: the global batch's). Nothing is read back to the host."""
+        positives = None
+        if self.objective.needs_positives:
+            positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
+        rows = None if self.ddp is None else self.ddp.rows(len(idx))
+        batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx, rows,
+                      self.ddp)
+        out = self._step(batch)
+        if out.views is not None:
+            views = out.views
+            if self.ddp is not None:  # the statistics of the global batch
+                views = [self.ddp.gather(v, len(idx)) for v in views]
+            self.stats.update(*views)
+        return out
+
     def train_epoch(self) -> dict:
         """One pass over the training data; returns the epoch's mean loss parts etc.
         (the only host syncs are at the end)."""
@@ -648,24 +666,13 @@ class Trainer:
         bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
                    disable=not (self.config.progress and self.is_main))
         for idx in bar:
-            positives = None
-            if self.objective.needs_positives:
-                positives = self.train_inputs[self.same_target.sample(idx, self.generator)]
-            rows = None if self.ddp is None else self.ddp.rows(len(idx))
-            batch = Batch(self.train_inputs[idx], self.train_targets[idx], positives, idx, rows,
-                          self.ddp)
-            out = self._step(batch)
+            out = self.train_step(idx)
             logged = {"loss": out.loss.detach(), **out.parts}
             if names is None:
                 names = list(logged)
             elif list(logged) != names:
                 raise RuntimeError(f"the objective logged {list(logged)} after {names}")
             sums = sums + torch.stack([value.float() for value in logged.values()])
-            if out.views is not None:
-                views = out.views
-                if self.ddp is not None:  # the statistics of the global batch
-                    views = [self.ddp.gather(v, len(idx)) for v in views]
-                self.stats.update(*views)
             if out.k is not None:  # the same on every process: not a share
                 k_sum = k_sum + out.k.detach().float().mean()
                 has_k = True

@@ -89,16 +89,23 @@ def test_no_host_sync_on_cuda(split, kw):
     trainer.train_epoch()  # warm-up: allocator, autotuning, cuBLAS handles
     torch.cuda.set_sync_debug_mode("error")  # raises on any synchronising call
     try:
-        for idx in trainer._batches():  # train_epoch's loop, without the epoch's read-back
-            positives = None
-            if trainer.objective.needs_positives:
-                positives = trainer.train_inputs[trainer.same_target.sample(idx, trainer.generator)]
-            out = trainer._step(Batch(trainer.train_inputs[idx], trainer.train_targets[idx],
-                                      positives))
-            if out.views is not None:
-                trainer.stats.update(*out.views)
+        for idx in trainer._batches():  # train_epoch's steps, without the epoch's read-back
+            trainer.train_step(idx)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(kw.values()))
+def test_a_step_outside_the_epoch_runs_every_method(split, kw):
+    # What the CUDA sync check and benchmarks/train_speed.py run between epochs. Their own copy
+    # of the step built a Batch without the sample indices, which RCL needs (a ValueError).
+    trainer = Trainer(tiny(**kw), split)
+    fixed_batches(trainer, 1)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    out = trainer.train_step(trainer._batches()[0])
+    assert torch.isfinite(out.loss)
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    assert trainer.stats.num_batches == (out.views is not None)
 
 
 @pytest.mark.parametrize("kw", METHODS, ids=lambda kw: "-".join(kw.values()))
