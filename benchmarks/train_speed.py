@@ -89,7 +89,7 @@ def measure(method: str, split, args, torch) -> dict:
         torch.cuda.set_sync_debug_mode("error")
         try:
             for idx in batches:
-                trainer.train_step(idx)
+                trainer.train_batch(idx)
             syncs = "none"
         except RuntimeError as err:
             syncs = f"FAIL: {str(err).splitlines()[0]}"

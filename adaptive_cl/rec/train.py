@@ -634,7 +634,7 @@ class Trainer:
         self.optimizer.step()
         return out
 
-    def train_step(self, idx: torch.Tensor) -> ObjectiveOutput:
+    def train_batch(self, idx: torch.Tensor) -> ObjectiveOutput:
         """One step on the training samples ``idx`` (a batch of ``_batches``): the same-target
         partners drawn, the step taken, the contrastive views added to the epoch's statistics
         (under DDP: the global batch's). Nothing is read back to the host."""
@@ -666,7 +666,7 @@ class Trainer:
         bar = progress_bar(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=1.0,
                    disable=not (self.config.progress and self.is_main))
         for idx in bar:
-            out = self.train_step(idx)
+            out = self.train_batch(idx)
             logged = {"loss": out.loss.detach(), **out.parts}
             if names is None:
                 names = list(logged)

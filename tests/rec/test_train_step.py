@@ -90,7 +90,7 @@ def test_no_host_sync_on_cuda(split, kw):
     torch.cuda.set_sync_debug_mode("error")  # raises on any synchronising call
     try:
         for idx in trainer._batches():  # train_epoch's steps, without the epoch's read-back
-            trainer.train_step(idx)
+            trainer.train_batch(idx)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -102,7 +102,7 @@ def test_a_step_outside_the_epoch_runs_every_method(split, kw):
     trainer = Trainer(tiny(**kw), split)
     fixed_batches(trainer, 1)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    out = trainer.train_step(trainer._batches()[0])
+    out = trainer.train_batch(trainer._batches()[0])
     assert torch.isfinite(out.loss)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
     assert trainer.stats.num_batches == (out.views is not None)
