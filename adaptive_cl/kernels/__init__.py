@@ -19,7 +19,7 @@ import torch
 
 from ..contract import Prepared
 from . import adaptive_info_nce_fwd as _fwd
-from .function import AdaptiveInfoNCEFunction
+from .function import MAX_LABEL_ROWS, AdaptiveInfoNCEFunction
 
 __all__ = ["unsupported_reason", "adaptive_info_nce_triton"]
 
@@ -39,6 +39,9 @@ def unsupported_reason(p: Prepared) -> str | None:
     if _fwd.INTERPRET and not z.is_cuda and z.dtype == torch.bfloat16:
         return ("bfloat16 under Triton's CPU interpreter (its bfloat16 tl.dot is wrong); "
                 "use a CUDA device or backend='reference'")
+    if p.labels_rows is not None and 2 * p.batch > MAX_LABEL_ROWS:
+        return (f"labels with N = {2 * p.batch} > {MAX_LABEL_ROWS} rows (the kernels compare label ids "
+                "as float32, exact up to 2^24)")
     return None
 
 

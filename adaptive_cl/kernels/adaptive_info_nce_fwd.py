@@ -172,15 +172,40 @@ def sigmoid2(x2):
 
 @triton.jit
 def label_threshold(kk, lab_i, lab_j):
-    """The threshold with same-label pairs moved to -inf: c > -inf always holds (hard), and
-    2^(-inf) = 0 gives a = 1, 1 - a = 0 (soft), so a shared label makes j an extra positive
-    whatever k_i is, for one compare and one select per element. ``lab_i`` / ``lab_j``: the
-    labels' int32 ids of a row block and a column tile (nothing N x N is built)."""
+    """The threshold with same-label pairs moved to -inf (the backward's form): c > -inf always
+    holds (hard), and 2^(-inf) = 0 gives a = 1, 1 - a = 0 (soft), so a shared label makes j an
+    extra positive whatever k_i is (NaN and +-inf included). ``lab_i`` / ``lab_j``: the labels'
+    ids (float32, exact) of a row block and a column tile: nothing N x N is built."""
     return tl.where(lab_i[:, None] == lab_j[None, :], float("-inf"), kk)
 
 
+#: The forward's thresholds for label_shift: |k| beyond K_CLAMP acts as K_CLAMP (a hard
+#: threshold of 1e38 already excludes every similarity but the absurd), so that subtracting
+#: LABEL_SHIFT puts any threshold below every c.
+K_CLAMP = tl.constexpr(1.0e38)
+LABEL_SHIFT = tl.constexpr(3.0e38)
+
+
 @triton.jit
-def hist_tile(c, rows, cols, cand, row_ok, hist, hist_ptr, lo, bin_scale,
+def clamp_threshold(k):
+    """Per row, for label_shift: NaN (no threshold positive) -> K_CLAMP, +-inf -> +-K_CLAMP."""
+    k = tl.where(k != k, K_CLAMP, k)
+    return tl.minimum(tl.maximum(k, -K_CLAMP), K_CLAMP)
+
+
+@triton.jit
+def label_shift(kk, lab_i, lab_j):
+    """The forward's form of label_threshold, arithmetic: kk - LABEL_SHIFT [same label] (kk from
+    clamp_threshold, so a shared label takes it to <= -2e38 or -inf, below every c; soft:
+    2^(-2e38) = 0, a = 1, 1 - a = 0). A 0/1 float and an FMA, not a select: the compiler hoists
+    the label compares above the tile's product, and 32 live predicates per thread then spill
+    from the predicate registers and are unpacked again (~5 instructions per element, not 2)."""
+    same = (lab_i[:, None] == lab_j[None, :]).to(tl.float32)
+    return kk - same * LABEL_SHIFT
+
+
+@triton.jit
+def hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STATS: tl.constexpr, HIST_ATOMIC: tl.constexpr):
     """Count the tile's candidate pairs (i, j) with j > i into STATS bins of c on [lo, hi)
@@ -191,9 +216,10 @@ def hist_tile(c, rows, cols, cand, row_ok, hist, hist_ptr, lo, bin_scale,
     depend on the order of the increments."""
     b = ((c - lo) * bin_scale).to(tl.int32)
     b = tl.minimum(tl.maximum(b, 0), STATS - 1)
-    m = row_ok[:, None] & (cols[None, :] > rows[:, None])
     if MASKED:
-        m = m & cand
+        m = row_ok[:, None] & (cols[None, :] > rows[:, None]) & cand
+    else:  # an unmasked tile above the diagonal: every j > i
+        m = row_ok[:, None] & (cols < N)[None, :]
     if HIST_ATOMIC:
         tl.atomic_add(hist_ptr + b, 1, mask=m, sem="relaxed")
     else:
@@ -224,8 +250,8 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
         # LSE_i - s_ip cancels consistently when the partner dominates.
         c_par += tl.sum(tl.where(cols[None, :] == prow[:, None], c, 0.0), axis=1)
     kk = k_i[:, None]
-    if LABELS:
-        kk = label_threshold(kk, lab_i, lab_j)
+    if LABELS:  # k_i went through clamp_threshold
+        kk = label_shift(kk, lab_i, lab_j)
     if SOFT:
         a, q = sigmoid2(kk - c * nlb)  # membership a, denominator weight q = 1 - a
         if MASKED:
@@ -237,14 +263,22 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
         extra = c > kk
         if MASKED:
             extra = extra & cand
-        cnt += tl.sum(extra.to(tl.float32), axis=1)
-        sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
+        if LABELS:
+            # As a 0/1 float used arithmetically (predicates: see label_shift).
+            ex_f = extra.to(tl.float32)
+            cnt += tl.sum(ex_f, axis=1)
+            sum_c += tl.sum(ex_f * c, axis=1)
+        else:
+            cnt += tl.sum(extra.to(tl.float32), axis=1)
+            sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
     if FIXED_SHIFT:
         e = tl.exp2(c * qk_scale - qk_scale)
         if not DEN_ALL:
             if SOFT:  # denominator weight q = 1 - a
                 e = e * q
-            elif K_MODE != 0 or LABELS:
+            elif LABELS:
+                e = e - e * ex_f
+            elif K_MODE != 0:
                 e = tl.where(extra, 0.0, e)
         if MASKED:
             e = tl.where(valid, e, 0.0)
@@ -267,10 +301,10 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
         m_run = m_new
     if STATS > 0:
         if MASKED:
-            hist = hist_tile(c, rows, cols, cand, row_ok, hist, hist_ptr, lo, bin_scale,
+            hist = hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
                              True, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
         elif upper:
-            hist = hist_tile(c, rows, cols, cand, row_ok, hist, hist_ptr, lo, bin_scale,
+            hist = hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
                              False, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
     return m_run, l_run, cnt, sum_c, c_par, hist
 
@@ -286,7 +320,7 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs
                 ONE_CHUNK: tl.constexpr):
     # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load). With SOFT
     # the thresholds (scalar and vector) come pre-multiplied by log2(e)/beta (= nlb).
-    # LABELS: (N,) int32 label ids at lab_ptr (equal ids for equal labels). STATS > 0: a histogram of c with STATS bins into
+    # LABELS: (N,) float32 label ids at lab_ptr (equal ids exactly for equal labels). STATS > 0: a histogram of c with STATS bins into
     # this program's row of hist_ptr ((programs, STATS) int32).
     pid = tl.program_id(0)
     r0 = row_start + pid * BLOCK_M
@@ -300,13 +334,15 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs
     zi, zi_lo = left_operand(zi, DOT_PREC)
     inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else k_scalar
     k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
-    if K_MODE == 0:  # no threshold (labels alone): nothing is above +inf
-        k_i = tl.full([BLOCK_M], float("inf"), tl.float32)
+    if K_MODE == 0:  # labels alone: no threshold positive
+        k_i = tl.full([BLOCK_M], K_CLAMP, tl.float32)
     if K_MODE == 2:
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
+    k_row = k_i  # as given (a NaN soft threshold makes its row NaN)
     lab_i = rows
     if LABELS:
         lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
+        k_i = clamp_threshold(k_i)
     hist_row = hist_ptr + pid * STATS
 
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -377,7 +413,7 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs
         # A NaN threshold k_i: row i's loss and m_i are NaN (the contract), and so is its
         # backward factor rs_i, which makes every gradient it touches NaN (sigmoid2's cap drops
         # the NaN inside the tiles).
-        nan_k = k_i != k_i
+        nan_k = k_row != k_row
         loss = tl.where(nan_k, float("nan"), loss)
         cnt = tl.where(nan_k, float("nan"), cnt)
         rs = tl.where(nan_k, float("nan"), rs)

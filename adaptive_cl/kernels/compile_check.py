@@ -228,7 +228,7 @@ _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _FP32 = {"FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSWZADD"}
 #: The histogram's increments: shared-memory atomics (tl.histogram on triton >= 3.9), global
 #: reductions / atomics ("atomic" mode), or warp votes (tl.histogram's ballots on older triton).
-HIST_OPS = ("ATOMS", "RED", "ATOMG", "ATOM", "VOTE")
+HIST_OPS = ("ATOMS", "RED", "REDG", "ATOMG", "ATOM", "VOTE")
 
 
 def classify(op: str) -> str:

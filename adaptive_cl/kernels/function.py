@@ -99,7 +99,7 @@ class Prepared:
     big: torch.Tensor  # (N,) float32
     flag: torch.Tensor  # (1,) int32: 1 if any input element is not finite
     k_t: torch.Tensor  # (N,) float32 thresholds (soft: times log2(e)/beta), or a placeholder
-    lab: torch.Tensor  # (N,) int32 label ids (dense_label_ids), or a placeholder
+    lab: torch.Tensor  # (N,) float32 label ids (dense_label_ids, exact), or a placeholder
     k_scalar: float  # soft: times log2(e)/beta
     consts: dict  # constexpr options shared by both passes
     shape: launch.Shape
@@ -118,7 +118,7 @@ def prepare_rows(z, z_aug, k_rows, k_scalar, o, *, labels_rows=None,
     n = 2 * b
     dev = z.device
     path = dot_path(z.dtype)
-    cfg = config or launch.lookup(d, z.dtype, path)
+    cfg = config or launch.lookup(d, z.dtype, path, soft=o.threshold == "soft")
     shape = launch.shape_for(d, cfg)
     ld = -(-d // 16) * 16  # row stride of the prepared copies: 16-element aligned
     zs = torch.empty((n, ld), dtype=z.dtype, device=dev)
@@ -143,7 +143,7 @@ def prepare_rows(z, z_aug, k_rows, k_scalar, o, *, labels_rows=None,
         kmode, k_t = 2, k_rows.detach().to(torch.float32)
         if soft:
             k_t = k_t * kscale
-    lab = flag if labels_rows is None else dense_label_ids(labels_rows.detach())
+    lab = flag if labels_rows is None else dense_label_ids(labels_rows.detach()).float()
     consts = dict(
         NORMALIZE=o.normalize, FIXED_SHIFT=bool(o.normalize and o.temperature >= fwd.FIXED_SHIFT_MIN_TAU),
         K_MODE=kmode, DEN_ALL=o.denominator == "all", DOT_PREC=_dot_prec(path),
@@ -152,10 +152,15 @@ def prepare_rows(z, z_aug, k_rows, k_scalar, o, *, labels_rows=None,
                     consts, shape, b, d)
 
 
+#: Label ids are compared as float32 (exact below 2^24): calls with more rows take the reference.
+MAX_LABEL_ROWS = 2**24
+
+
 def dense_label_ids(labels: torch.Tensor) -> torch.Tensor:
-    """(N,) int32 ids with equal ids exactly for equal labels (ranks of the distinct values): the
-    kernels compare 32-bit ids instead of int64 labels (half the registers of a column tile's
-    labels, one compare). A sort and a scan on the device: no host synchronisation."""
+    """(N,) int32 ids with equal ids exactly for equal labels (ranks of the distinct values, so
+    < N): the kernels compare them as float32 (exact for N <= 2^24) instead of int64 labels
+    (half the registers of a column tile's labels, one float compare). A sort and a scan on the
+    device: no host synchronisation."""
     srt, order = torch.sort(labels.to(torch.int64))
     step = torch.ones(srt.shape, dtype=torch.int32, device=srt.device)
     step[0] = 0

@@ -104,10 +104,20 @@ def d_bucket(d: int):
     return "wide" if d > fwd.MAX_BLOCK_D else fwd.block_d(d)
 
 
-def lookup(d: int, dtype: torch.dtype, path: str, table: dict | None = None) -> LaunchConfig:
+#: The soft threshold's widest column tile. Its backward keeps, per element, a membership and
+#: its complement for two rows, and per column five factors (16 registers each in a 64-wide
+#: wgmma tile): with 128x64 tiles the bf16 D = 64 backward needs 255 registers and spills 256
+#: bytes per thread; with 128x32, 222 registers and no spill (compile_check, sm_90). Both
+#: passes of a call use the same configuration.
+SOFT_MAX_BLOCK_N = 32
+
+
+def lookup(d: int, dtype: torch.dtype, path: str, table: dict | None = None, *, soft: bool = False) -> LaunchConfig:
     """The configuration for rows of width ``d`` (the interpreter's small tiles under
-    TRITON_INTERPRET=1)."""
+    TRITON_INTERPRET=1); ``soft``: for the soft threshold (BLOCK_N at most SOFT_MAX_BLOCK_N)."""
     cfg = (TABLE if table is None else table)[(d_bucket(d), dtype_name(dtype), path)]
+    if soft and cfg.block_n > SOFT_MAX_BLOCK_N:
+        cfg = LaunchConfig(cfg.block_m, SOFT_MAX_BLOCK_N, cfg.num_warps, cfg.num_stages, cfg.k_chunk, cfg.d_chunk)
     if fwd.INTERPRET:
         m, n = INTERPRET_BLOCKS
         cfg = LaunchConfig(m, n, 4, 1, cfg.k_chunk if INTERPRET_K_CHUNK else None,
