@@ -236,7 +236,7 @@ def _grad_tile(c, rows, cols, prow, N, k_i, k_j, lab_i, lab_j, a_i, bx_i, bp_i, 
 @triton.jit
 def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_ptr,
                 a_ptr, bx_ptr, bp_ptr, uu_ptr, ha_ptr, post_ptr, dz_ptr, dk_ptr,
-                B, N, D, ld, row_start, row_stop, s_k, k_scalar, qk_scale, nlb, kappa,
+                B, N, D, ld, row_start, row_stop, s_k, k_scalar, qk_scale, nlb, kappa, one,
                 NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
                 DEN_ALL: tl.constexpr, DOT_PREC: tl.constexpr,
                 LABELS: tl.constexpr, SOFT: tl.constexpr, K_GRAD: tl.constexpr,
@@ -261,7 +261,7 @@ def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_
     ha_i = a_i
     if SOFT:
         ha_i = tl.load(ha_ptr + rows, mask=row_ok, other=0.0)
-    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else qk_scale
+    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else one
     k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
     if K_MODE == 0:  # no threshold (labels alone): nothing is above +inf
         k_i = tl.full([BLOCK_M], float("inf"), tl.float32)
@@ -297,7 +297,7 @@ def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_
         if LABELS:
             lab_j = tl.load(lab_ptr + cols, mask=col_ok, other=0)
         s_raw = s_tile(zs_ptr, zi, zi_lo, rows, cols, N, D, ld, BLOCK_M, BLOCK_N, K_CHUNK, ONE_CHUNK, DOT_PREC)
-        inv_j = tl.load(inv_ptr + cols, mask=col_ok, other=0.0) if NORMALIZE else qk_scale
+        inv_j = tl.load(inv_ptr + cols, mask=col_ok, other=0.0) if NORMALIZE else one
         c = cosine(s_raw, inv_i, inv_j, NORMALIZE)
         if special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
             bp_j = tl.load(bp_ptr + cols, mask=col_ok, other=0.0)

@@ -154,7 +154,12 @@ def cosine(acc, inv_i, inv_j, NORMALIZE: tl.constexpr):
     if NORMALIZE:
         return acc * (inv_i[:, None] * inv_j[None, :])
     else:
-        return acc
+        # inv_i is the runtime scalar 1.0 (``one``): the raw dot times 1.0 (exact). Triton 3.6's
+        # software pipeliner (num_stages >= 2) fails to compile a loop whose wgmma
+        # accumulator feeds the elementwise code directly (PassManager::run failed in
+        # TritonGPUPipeline, sm_90, bf16 D = 64, every normalize=False variant); a multiply by
+        # a value it cannot fold avoids it, for one FMUL per element.
+        return acc * inv_i
 
 
 @triton.jit
@@ -312,7 +317,7 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
 @triton.jit
 def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr, ha_ptr, hist_ptr,
                 B, N, D, ld, row_start, row_stop, s_k,
-                k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale,
+                k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale, one,
                 NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
                 DEN_ALL: tl.constexpr, UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
                 LABELS: tl.constexpr, SOFT: tl.constexpr, STATS: tl.constexpr, HIST_ATOMIC: tl.constexpr,
@@ -332,7 +337,7 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs
     if ONE_CHUNK:  # all of D in one product: Zs_I stays on chip for the whole row walk
         zi = load_tile(zs_ptr, rows, tl.arange(0, K_CHUNK), N, D, ld)
     zi, zi_lo = left_operand(zi, DOT_PREC)
-    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else k_scalar
+    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else one
     k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
     if K_MODE == 0:  # labels alone: no threshold positive
         k_i = tl.full([BLOCK_M], K_CLAMP, tl.float32)
@@ -355,7 +360,7 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         acc = s_tile(zs_ptr, zi, zi_lo, rows, cols, N, D, ld, BLOCK_M, BLOCK_N, K_CHUNK, ONE_CHUNK, DOT_PREC)
-        inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0) if NORMALIZE else k_scalar
+        inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0) if NORMALIZE else one
         c = cosine(acc, inv_i, inv_j, NORMALIZE)
         lab_j = cols
         if LABELS:

@@ -99,9 +99,11 @@ FEATURE_SETS = [
 
 def variant_set(name: str) -> list[Variant]:
     """"ci": default options of bfloat16 D = 64 (the targets), float16 and float32 tf32 at
-    D = 128, the float32 default ("ieee") at D = 64, one option set (a couple of minutes on 2
-    cores); "default": every path at D in {64, 128} plus the option sets for bfloat16 D = 64;
-    "full": also D in {32, 256, 320} and the option sets for "ieee"."""
+    D = 128, the float32 default ("ieee") at D = 64, one option set, and the issue-15 options
+    (soft threshold, labels, stats) on the cosine and the raw-dot paths (about a minute on 2
+    cores); "default": every path at D in {64, 128} plus the option sets and the issue-15
+    feature sets for bfloat16 D = 64; "full": also D in {32, 256, 320}, the option sets for
+    "ieee", and soft + labels + stats on every path at D in {64, 128, 256}."""
     main = [(torch.bfloat16, "native"), (torch.float16, "native"), (torch.float32, "tf32"),
             (torch.float32, "ieee"), (torch.float32, "3xtf32")]
     features = [Variant(torch.bfloat16, "native", 64, o, k, labels=lab, stats=st) for o, k, lab, st in FEATURE_SETS]
@@ -109,7 +111,9 @@ def variant_set(name: str) -> list[Variant]:
         return [Variant(torch.bfloat16, "native", 64), Variant(torch.float16, "native", 128),
                 Variant(torch.float32, "tf32", 128), Variant(torch.float32, "ieee", 64),
                 Variant(torch.bfloat16, "native", 64, *OPTION_SETS[1]),
-                Variant(torch.bfloat16, "native", 64, dict(threshold="soft"), "rows", labels=True, stats=2048)]
+                Variant(torch.bfloat16, "native", 64, dict(threshold="soft"), "rows", labels=True, stats=2048),
+                Variant(torch.bfloat16, "native", 64, dict(threshold="soft", normalize=False, temperature=0.5),
+                        "rows", labels=True, stats=256)]
     ds = (64, 128) if name == "default" else (32, 64, 128, 256, 320)
     out = [Variant(dt, p, d) for dt, p in main for d in ds]
     for dt, p in ((torch.bfloat16, "native"),) + (((torch.float32, "ieee"),) if name == "full" else ()):

@@ -230,7 +230,7 @@ def forward_rows(pr: Prepared, o, row_start: int = 0, row_stop: int | None = Non
         pr.b, n, pr.d, pr.zs.stride(0), row_start, row_stop, pr.k_t.stride(0),
         pr.k_scalar, LOG2E / tau, 1.0 / tau, alpha, math.log(alpha),
         math.log1p(-alpha) if alpha < 1.0 else 0.0,  # only "unit" reads it (alpha < 1 there)
-        LOG2E / o.threshold_scale, lo, bin_scale,
+        LOG2E / o.threshold_scale, lo, bin_scale, 1.0,
         **pr.consts, UNIT=o.weighting == "unit", STATS=bins, HIST_ATOMIC=hist_mode() == "atomic",
         BLOCK_M=sh.block_m, BLOCK_N=sh.block_n,
         K_CHUNK=sh.k_chunk, ONE_CHUNK=sh.one_chunk, num_warps=sh.num_warps, num_stages=sh.num_stages)
@@ -280,7 +280,7 @@ def backward_rows(pr: Prepared, o, cnt, rs, wx, grad, row_start: int = 0, row_st
         pr.zs, pr.zh, pr.inv, pr.jac, pr.big, pr.k_t, pr.lab, pr.flag, a, bx, bp, uu, h_a, post, dz,
         post if dk is None else dk,
         pr.b, n, pr.d, pr.zs.stride(0), row_start, row_stop, pr.k_t.stride(0), pr.k_scalar,
-        LOG2E / o.temperature, LOG2E / o.threshold_scale, kappa / math.log(2.0),
+        LOG2E / o.temperature, LOG2E / o.threshold_scale, kappa / math.log(2.0), 1.0,
         **pr.consts, K_GRAD=dk is not None, BLOCK_M=sh.block_m, BLOCK_N=sh.block_n,
         BLOCK_D=sh.block_d, K_CHUNK=sh.k_chunk, ONE_CHUNK=sh.one_chunk, SPLIT_D=sh.split_d,
         num_warps=sh.num_warps, num_stages=sh.num_stages)
