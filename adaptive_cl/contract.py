@@ -56,6 +56,44 @@ class LossOptions:
     reduction: str = "mean"
 
 
+#: Bin counts the statistics accept: powers of two (the kernels' histograms are tensors of
+#: that size), at most this many.
+MAX_STATS_BINS = 4096
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    """What ``return_stats=True`` asks for: a histogram of the candidate similarities c_ij with
+    ``bins`` equal bins on ``range`` = (lo, hi) (values outside go to the edge bins)."""
+
+    bins: int = 2048
+    range: tuple[float, float] = (-1.0, 1.0)
+
+    @property
+    def width(self) -> float:
+        return (self.range[1] - self.range[0]) / self.bins
+
+
+def make_stats_spec(bins: object = 2048, range: object = (-1.0, 1.0)) -> StatsSpec:
+    """Check the statistics' histogram options (``stats_bins``, ``stats_range``)."""
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral):
+        raise TypeError(f"stats_bins must be an int; got {type(bins).__name__}")
+    bins = int(bins)
+    if bins < 2 or bins > MAX_STATS_BINS or bins & (bins - 1):
+        raise ValueError(f"stats_bins must be a power of two in [2, {MAX_STATS_BINS}]; got {bins}")
+    return StatsSpec(bins, check_stats_range(range))
+
+
+def check_stats_range(range: object, name: str = "stats_range") -> tuple[float, float]:
+    """A finite (lo, hi) pair with lo < hi."""
+    if not isinstance(range, (tuple, list)) or len(range) != 2:
+        raise TypeError(f"{name} must be a pair (lo, hi); got {range!r}")
+    lo, hi = (_check_real(name, v) for v in range)
+    if not lo < hi:
+        raise ValueError(f"{name} must have lo < hi; got {range!r}")
+    return lo, hi
+
+
 @dataclass
 class Prepared:
     """Validated inputs in the one layout every backend consumes.
@@ -66,6 +104,8 @@ class Prepared:
     ``k_scalar``: the threshold as a Python float when it was given as one (then ``k_rows`` is a
     constant tensor and kernels may take the float instead and skip the load).
     ``labels_rows``: ``None`` or an ``(N,)`` int64 tensor.
+    ``stats``: ``None``, or what ``return_stats=True`` asked for: the backend then returns
+    ``(loss, LossStats)`` (see :mod:`adaptive_cl.stats`).
     """
 
     z: torch.Tensor
@@ -74,6 +114,7 @@ class Prepared:
     k_scalar: float | None
     labels_rows: torch.Tensor | None
     options: LossOptions
+    stats: StatsSpec | None = None
 
     @property
     def batch(self) -> int:
@@ -233,6 +274,7 @@ def prepare(
     k: torch.Tensor | float | None,
     labels: torch.Tensor | None,
     options: LossOptions,
+    stats: StatsSpec | None = None,
     *,
     min_batch: int = 2,
 ) -> Prepared:
@@ -248,4 +290,4 @@ def prepare(
         raise ValueError("threshold='soft' needs a threshold k; got k=None")
     if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn; the op warns at run time
         unbounded_loss_warning(options, k is not None, labels is not None, stacklevel=3)
-    return Prepared(z, z_aug, k_rows, k_scalar, labels_rows, options)
+    return Prepared(z, z_aug, k_rows, k_scalar, labels_rows, options, stats)

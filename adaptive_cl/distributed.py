@@ -47,8 +47,7 @@ every rank's gradients NaN (the contract's rule), without a host synchronisation
 
 Backends: a backend joins through a ``RowsHook`` (own-rows forward + backward) in ``HOOKS``.
 Wired: "reference" (row subsets of the PyTorch reference, every option) and "triton" (the fused
-kernels over row ranges: hard threshold, no labels, float32/float16/bfloat16, as in one
-process). "auto" takes the fused kernel for CUDA tensors whose options it covers, else the
+kernels over row ranges, every option, float32/float16/bfloat16, as in one process). "auto" takes the fused kernel for CUDA tensors whose options it covers, else the
 reference (the single-process rule). A backend without a hook ("compiled", ...) is a
 ValueError naming the ones that work.
 """
@@ -172,10 +171,12 @@ class ReferenceRows:
 class TritonRows:
     """The fused kernels over row ranges (kernels/function.py ``prepare_rows``, ``forward_rows``,
     ``backward_rows``). Each rank prepares all N gathered rows (an O(N D) pre-pass) and computes
-    its two row ranges against every column. The backward all-gathers every row's three
-    statistics, upstream gradient and threshold (O(N) traffic, against the reference's O(N D)
-    column gradients) and, S being symmetric, forms its own rows' whole gradient: no gradient
-    of another rank's rows is computed or sent. Hard threshold, no labels (as the kernels)."""
+    its two row ranges against every column. The backward all-gathers every row's statistics
+    (three, four with the soft threshold), upstream gradient and threshold (O(N) traffic,
+    against the reference's O(N D) column gradients) and, S being symmetric, forms its own rows'
+    whole gradient: no gradient of another rank's rows is computed or sent. Every option, as in
+    one process: labels (all-gathered), the soft threshold with dL/dk of the own rows (only row
+    i's loss reads k_i, so its gradient is a reduction over the rank's own rows)."""
 
     def unsupported(self, p):
         return backends.triton_unavailable_reason(p)
@@ -187,23 +188,34 @@ class TritonRows:
         k_all = None if k_own is None or k_scalar is not None else shard.gather_rows(k_own.detach())
         b, off, r = shard.batch, shard.offset, shard.local
         with f._on_device(z_all):
-            pr = f.prepare_rows(z_all, z_aug_all, k_all, k_scalar, options)
+            pr = f.prepare_rows(z_all, z_aug_all, k_all, k_scalar, options, labels_rows=labels_all)
             parts = [f.forward_rows(pr, options, off, off + r), f.forward_rows(pr, options, b + off, b + off + r)]
-        losses, cnt, rs, wx = (torch.cat([a, c]) for a, c in zip(*parts))
-        return losses, (pr, torch.stack([cnt, rs, wx], dim=1), k_own, options)
+        losses, *stats = (torch.cat([a, c]) for a, c in zip(*parts))
+        return losses, (pr, torch.stack(stats, dim=1), k_own, k_scalar, options)
 
     def backward(self, shard, saved, u_own):
         from .kernels import function as f
 
-        pr, stats, k_own, options = saved
-        cnt, rs, wx = shard.gather_rows(stats).T.contiguous()
+        pr, stats, k_own, k_scalar, options = saved
+        cnt, rs, wx, *ha = shard.gather_rows(stats).T.contiguous()
+        ha = ha[0].contiguous() if ha else None
         u_all = shard.gather_rows(u_own.detach().float().contiguous())
         per_row = dataclasses.replace(options, reduction="none")  # u_all already holds 1/N for "mean"
         b, off, r = shard.batch, shard.offset, shard.local
+        soft_k = k_own is not None and k_scalar is None and options.threshold == "soft"
+        dk = torch.empty(2 * r, dtype=torch.float32, device=pr.zs.device) if soft_k else None
         with f._on_device(pr.zs):
-            dz = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, off, off + r)
-            dza = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, b + off, b + off + r)
-        return dz, dza, (None if k_own is None else torch.zeros_like(k_own))  # the hard threshold is flat
+            dz = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, off, off + r, ha=ha,
+                                 dk=None if dk is None else dk[:r])
+            dza = f.backward_rows(pr, per_row, cnt, rs, wx, u_all, b + off, b + off + r, ha=ha,
+                                  dk=None if dk is None else dk[r:])
+        if k_own is None:
+            dk_own = None
+        elif soft_k:
+            dk_own = dk.to(k_own.dtype)
+        else:
+            dk_own = torch.zeros_like(k_own)  # the hard threshold is flat (a float k has no gradient)
+        return dz, dza, dk_own
 
 
 #: Backends with a distributed (own-rows) implementation.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import backends, ops
-from .contract import LossOptions, make_options, prepare
+from .contract import LossOptions, StatsSpec, make_options, make_stats_spec, prepare
 
 
 def apply_loss(
@@ -15,14 +17,29 @@ def apply_loss(
     labels: torch.Tensor | None,
     options: LossOptions,
     backend: str,
-) -> torch.Tensor:
+    stats: StatsSpec | None = None,
+):
     """Validate the tensors against checked options and run the chosen backend (the functional
-    and the Module share this). Under torch.compile the backend runs inside the registered
-    custom op (adaptive_cl/ops.py), so the compiled graph has no break."""
-    p = prepare(z, z_aug, k, labels, options)
+    and the Module share this). With ``stats``: (loss, LossStats), from the backend itself when
+    it computes them in its own pass (``fused_stats``), else from the reference's dense
+    similarities, so that every backend returns the same thing. Under torch.compile the loss
+    runs inside the registered custom op (adaptive_cl/ops.py), so the compiled graph has no
+    break; statistics asked for there are computed densely outside the graph."""
+    p = prepare(z, z_aug, k, labels, options, stats)
     if ops.AVAILABLE and torch.compiler.is_compiling():
-        return ops.info_nce(p, backend)
-    return backends.resolve(backend, p)(p)
+        loss = ops.info_nce(dataclasses.replace(p, stats=None), backend)
+        return loss if stats is None else (loss, _dense_stats(p))
+    fn = backends.resolve(backend, p)
+    if stats is None or getattr(fn, "fused_stats", False):
+        return fn(p)
+    return fn(dataclasses.replace(p, stats=None)), _dense_stats(p)
+
+
+@torch.compiler.disable
+def _dense_stats(p):
+    from .reference import similarity_stats
+
+    return similarity_stats(p)
 
 
 def adaptive_info_nce(
@@ -40,7 +57,10 @@ def adaptive_info_nce(
     threshold_scale: float = 0.05,
     reduction: str = "mean",
     backend: str = "auto",
-) -> torch.Tensor:
+    return_stats: bool = False,
+    stats_bins: int = 2048,
+    stats_range: tuple[float, float] = (-1.0, 1.0),
+):
     """AdaptiveRec's InfoNCE with adaptive positives (SimThres), over the 2B views [z; z_aug].
 
     For each of the N = 2B rows, candidates whose similarity to the row exceeds the row's
@@ -68,12 +88,20 @@ def adaptive_info_nce(
         threshold_scale: the soft threshold's scale beta > 0.
         reduction: "mean" | "sum" | "none" (the N per-row losses).
         backend: "auto" | "reference" | "compiled" | "triton" | "cpu" (see the README's
-            options table; "auto": the Triton kernel on CUDA where it covers the options, the
-            C++ extension on CPU, else the reference).
+            options table; "auto": the Triton kernel for CUDA tensors, with every option; the
+            C++ extension for CPU tensors; else the reference).
+        return_stats: also return the call's statistics (:class:`adaptive_cl.stats.LossStats`):
+            per-row m_i and a histogram of the candidate similarities c_ij, the input of
+            SimThres' percentile (:func:`adaptive_cl.stats.histogram_percentile`), counted in
+            the Triton kernel's forward pass (nothing N x N stored; other backends count them
+            from the dense similarities).
+        stats_bins: the histogram's bins, a power of two <= 4096 (default 2048: width ~1e-3).
+        stats_range: (lo, hi) of the equal bins (default the cosine's (-1, 1)); values
+            outside go to the edge bins.
 
     Returns:
         The loss in float32 (float64 for float64 inputs); gradients reach z, z_aug in their
-        own dtype and k (zero for the hard threshold).
+        own dtype and k (zero for the hard threshold). With ``return_stats``: (loss, LossStats).
 
     Non-finite values: one NaN or +-inf anywhere in z or z_aug makes every row's loss NaN (and
     so "mean"/"sum") and every element of the gradients of z and z_aug NaN, never a plausible
@@ -90,4 +118,11 @@ def adaptive_info_nce(
         threshold_scale=threshold_scale,
         reduction=reduction,
     )
-    return apply_loss(z, z_aug, k, labels, options, backend)
+    stats = make_stats_spec(stats_bins, stats_range) if _check_flag(return_stats) else None
+    return apply_loss(z, z_aug, k, labels, options, backend, stats)
+
+
+def _check_flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"return_stats must be a bool; got {type(value).__name__}")
+    return value

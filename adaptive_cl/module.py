@@ -6,14 +6,16 @@ import torch
 from torch import nn
 
 from . import backends
-from .contract import make_options
-from .functional import apply_loss
+from .contract import make_options, make_stats_spec
+from .functional import _check_flag, apply_loss
 
 
 class AdaptiveInfoNCE(nn.Module):
     """Module form of :func:`adaptive_cl.adaptive_info_nce` (same options, same defaults).
 
-    Options are validated once in the constructor; ``forward(z, z_aug, k=None, labels=None)``.
+    Options are validated once in the constructor; ``forward(z, z_aug, k=None, labels=None,
+    return_stats=False)`` (with ``return_stats``: ``(loss, LossStats)``, histogram options
+    ``stats_bins`` / ``stats_range`` set in the constructor).
     """
 
     def __init__(
@@ -28,6 +30,8 @@ class AdaptiveInfoNCE(nn.Module):
         threshold_scale: float = 0.05,
         reduction: str = "mean",
         backend: str = "auto",
+        stats_bins: int = 2048,
+        stats_range: tuple[float, float] = (-1.0, 1.0),
     ) -> None:
         super().__init__()
         self.options = make_options(
@@ -41,6 +45,7 @@ class AdaptiveInfoNCE(nn.Module):
             reduction=reduction,
         )
         self.backend = backends.check_name(backend)
+        self.stats_spec = make_stats_spec(stats_bins, stats_range)
 
     def forward(
         self,
@@ -48,8 +53,10 @@ class AdaptiveInfoNCE(nn.Module):
         z_aug: torch.Tensor,
         k: torch.Tensor | float | None = None,
         labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return apply_loss(z, z_aug, k, labels, self.options, self.backend)
+        return_stats: bool = False,
+    ):
+        stats = self.stats_spec if _check_flag(return_stats) else None
+        return apply_loss(z, z_aug, k, labels, self.options, self.backend, stats)
 
     def extra_repr(self) -> str:
         o = self.options

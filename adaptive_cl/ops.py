@@ -15,7 +15,7 @@ Two ops, with these schemas (stable: a change gets a new overload name)::
 Arguments are those of :func:`adaptive_cl.adaptive_info_nce`, validated the same way, with the
 threshold split in two: ``k`` a tensor (0-d, (B,) or (N,)) or ``k_value`` a float (not both).
 ``loss`` is what ``adaptive_info_nce`` returns. ``row_stats`` is an ``(S, N)`` tensor of per-row
-statistics that the backend's backward consumes (float32 S = 3 for the Triton kernels, S = 4 in
+statistics that the backend's backward consumes (float32 S = 3 for the Triton kernels, 4 with the soft threshold; S = 4 in
 the compute dtype for the C++ extension, S = 0 for backends that recompute);
 it is private to the backend: read only ``loss``. ``dk`` has ``k``'s shape, or shape (0,) when
 ``k`` is None. ``backend`` is a name of ``adaptive_cl.backends.BACKENDS``; "auto" resolves
@@ -30,8 +30,9 @@ launches, but they need the launch code in kernels/ wrapped, and they give no be
 How each backend runs inside the op:
 
 - the Triton kernel (``backend="triton"``, or "auto" on CUDA): the forward returns its per-row
-  statistics (|A(i)| and the backward's two per-row factors) as ``row_stats``; the backward
-  reads them and recomputes only the O(N D) row preparation (a pre-pass), not the N^2 work.
+  statistics (m_i, the backward's two per-row factors and, with the soft threshold, the row term
+  of dl_i/da_ij) as ``row_stats``; the backward reads them and recomputes only the O(N D) row
+  preparation (a pre-pass), not the N^2 work. Labels and the soft threshold's dL/dk included.
 - the C++ extension (``backend="cpu"``, or "auto" on CPU where it builds): its forward's (4, N)
   statistics go to its backward; nothing recomputed.
 - every other backend (the reference, its ``torch.compile`` form, backends added later): the
@@ -117,12 +118,13 @@ class _Recompute:
 
 class _Triton:
     """The fused kernels through their tensor-only entry points (kernels/function.py
-    ``forward_stats`` / ``backward_from_stats``): the forward's (3, N) per-row statistics travel
-    as ``row_stats``; the backward recomputes the O(N D) row preparation, not the N^2 work."""
+    ``forward_stats`` / ``backward_from_stats``): the forward's per-row statistics (3, N), or
+    (4, N) with the soft threshold, travel as ``row_stats``; the backward recomputes the O(N D)
+    row preparation, not the N^2 work. Every option: labels, the soft threshold and its dL/dk."""
 
     @staticmethod
     def stats_meta(p: Prepared) -> tuple[int, torch.dtype]:
-        return 3, torch.float32
+        return (4 if p.options.threshold == "soft" else 3), torch.float32
 
     @staticmethod
     def forward(fn, p: Prepared):
@@ -130,7 +132,7 @@ class _Triton:
 
         k_rows = None if p.k_scalar is not None else p.k_rows
         with f._on_device(p.z):
-            loss, stats = f.forward_stats(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
+            loss, stats = f.forward_stats(p.z, p.z_aug, k_rows, p.k_scalar, p.options, labels_rows=p.labels_rows)
         return reduce(loss, p.options.reduction), stats
 
     @staticmethod
@@ -139,10 +141,17 @@ class _Triton:
 
         p = _prepare(z, z_aug, k, k_value, labels, options)
         k_rows = None if p.k_scalar is not None else p.k_rows
+        soft_k = k is not None and options.threshold == "soft"
         with f._on_device(z):
-            dz, dza = f.backward_from_stats(z, z_aug, k_rows, p.k_scalar, options, row_stats, grad)
-        dk = z.new_empty((0,)) if k is None else torch.zeros_like(k)  # the hard threshold is flat
-        return dz, dza, dk
+            out = f.backward_from_stats(z, z_aug, k_rows, p.k_scalar, options, row_stats, grad,
+                                        labels_rows=p.labels_rows, k_grad=soft_k)
+        if k is None:
+            dk = z.new_empty((0,))
+        elif soft_k:
+            dk = _fold_rows(out[2], k)
+        else:
+            dk = torch.zeros_like(k)  # the hard threshold is flat
+        return out[0], out[1], dk
 
 
 class _CPU:

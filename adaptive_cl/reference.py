@@ -125,43 +125,66 @@ def membership(
     labels_rows: torch.Tensor | None,
     candidates: torch.Tensor,
     options: LossOptions,
-) -> torch.Tensor:
-    """a_ij: 1 for an extra positive, 0 for a negative (soft threshold: a sigmoid in between)."""
+    complement: bool = False,
+):
+    """a_ij: 1 for an extra positive, 0 for a negative (soft threshold: a sigmoid in between).
+
+    ``complement``: also return 1 - a_ij on the candidates (0 elsewhere), the "negatives"
+    denominator weight, computed as sigmoid((k_i - c_ij)/beta) rather than by subtraction: far
+    above k, a_ij rounds to 1 even in float64 while its complement is a tiny number that still
+    matters (times exp(c_ij/tau) when tau < beta)."""
     if k_rows is None:
         a = torch.zeros_like(c)
+        rest = torch.ones_like(c)
     elif options.threshold == "hard":
-        a = (c > k_rows[:, None]).to(c.dtype)
+        above = c > k_rows[:, None]
+        a = above.to(c.dtype)
+        rest = (~above).to(c.dtype)
     else:
-        a = torch.sigmoid((c - k_rows[:, None]) / options.threshold_scale)
+        x = (c - k_rows[:, None]) / options.threshold_scale
+        a = torch.sigmoid(x)
+        rest = torch.sigmoid(-x)
     if labels_rows is not None:
-        a = torch.where(labels_rows[:, None] == labels_rows[None, :], torch.ones_like(a), a)
-    return torch.where(candidates, a, torch.zeros_like(a))
+        same = labels_rows[:, None] == labels_rows[None, :]
+        a = torch.where(same, torch.ones_like(a), a)
+        rest = torch.where(same, torch.zeros_like(rest), rest)
+    a = torch.where(candidates, a, torch.zeros_like(a))
+    if not complement:
+        return a
+    return a, torch.where(candidates, rest, torch.zeros_like(rest))
 
 
 def row_losses(p: Prepared) -> torch.Tensor:
     """The N per-row losses l_i (the module docstring's formulas), in the compute dtype."""
+    return _row_losses(p)[0]
+
+
+def _row_losses(p: Prepared):
+    """(row losses, c, a, candidates): the losses and what the statistics are read from."""
     o = p.options
     c = cosine_or_dot(p.z, p.z_aug, o.normalize, p.compute_dtype)
     partner, candidates = candidate_masks(c.shape[0], c.device)
-    a = membership(c, p.k_rows, p.labels_rows, candidates, o)
-    return losses_from_similarities(c, a, partner, candidates, p.k_rows, o)
+    a, rest = membership(c, p.k_rows, p.labels_rows, candidates, o, complement=True)
+    return losses_from_similarities(c, a, rest, partner, candidates, p.k_rows, o), c, a, candidates
 
 
 def losses_from_similarities(
     c: torch.Tensor,
     a: torch.Tensor,
+    rest: torch.Tensor,
     partner: torch.Tensor,
     candidates: torch.Tensor,
     k_rows: torch.Tensor | None,
     options: LossOptions,
 ) -> torch.Tensor:
     """The losses of the rows of ``c`` (similarities of some rows with every column), given their
-    memberships ``a``, partner and candidate masks and thresholds ``k_rows``."""
+    memberships ``a`` and complements ``rest`` (``membership(..., complement=True)``), partner
+    and candidate masks and thresholds ``k_rows``."""
     o = options
     s = c / o.temperature
     # Denominator weights q_ij: the partner 1; N(i) 1 ("all") or 1 - a_ij, how negative it is.
     q = torch.where(partner, torch.ones_like(s), a.new_zeros(()))
-    q = q + (candidates.to(s.dtype) if o.denominator == "all" else torch.where(candidates, 1.0 - a, 0.0))
+    q = q + (candidates.to(s.dtype) if o.denominator == "all" else rest)
     # LSE_i = log sum_j q_ij exp(s_ij), shifted by the largest logit among the columns that
     # enter it (q_ij > 0, the partner always). A zero-weight extra positive above them must not
     # set the shift: at small tau every weighted exp would underflow to 0 and log(0) * 0 = NaN.
@@ -190,6 +213,33 @@ def losses_from_similarities(
     return loss
 
 
+@torch.no_grad()
+def _stats_from(p: Prepared, c: torch.Tensor, a: torch.Tensor | None, candidates: torch.Tensor):
+    """LossStats from the materialised c and memberships a (see adaptive_cl.stats): m_i = sum_j
+    a_ij, and the histogram of c over every row's candidates; NaN m and zero counts when an
+    input is not finite."""
+    from .stats import LossStats, bin_indices
+
+    spec = p.stats
+    finite = torch.isfinite(p.z).all() & torch.isfinite(p.z_aug).all()
+    counts = torch.bincount(bin_indices(c.detach()[candidates], spec), minlength=spec.bins)
+    counts = torch.where(finite, counts, torch.zeros_like(counts))
+    m = None
+    if a is not None:
+        m = torch.where(finite, a.detach().sum(dim=1), float("nan"))
+    return LossStats(m=m, histogram=counts, range=spec.range)
+
+
+def similarity_stats(p: Prepared):
+    """LossStats of ``p`` (``p.stats`` set) computed densely: what every backend returns with
+    the loss (m_i from the loss's memberships, the histogram of the candidate similarities)."""
+    c = cosine_or_dot(p.z.detach(), p.z_aug.detach(), p.options.normalize, p.compute_dtype)
+    _, candidates = candidate_masks(c.shape[0], c.device)
+    k_rows = None if p.k_rows is None else p.k_rows.detach()
+    a = membership(c, k_rows, p.labels_rows, candidates, p.options)
+    return _stats_from(p, c, a, candidates)
+
+
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
         return losses.mean()
@@ -198,9 +248,18 @@ def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     return losses
 
 
-def adaptive_info_nce_reference(p: Prepared) -> torch.Tensor:
-    """The loss as this module's docstring defines it, reduced as requested."""
-    return reduce(row_losses(p), p.options.reduction)
+def adaptive_info_nce_reference(p: Prepared):
+    """The loss as this module's docstring defines it, reduced as requested; with ``p.stats``
+    (``return_stats=True``) also its LossStats, read from the same similarities."""
+    loss, c, a, candidates = _row_losses(p)
+    out = reduce(loss, p.options.reduction)
+    if p.stats is None:
+        return out
+    return out, _stats_from(p, c, a, candidates)
+
+
+#: This backend returns (loss, LossStats) itself when p.stats is set (adaptive_cl.functional).
+adaptive_info_nce_reference.fused_stats = True
 
 
 # ------------------------------------------------------------------------------ row subsets
@@ -232,8 +291,9 @@ def row_block_losses(
     partner = cols[None, :] == ((rows + b) % n)[:, None]
     candidates = ~(partner | (cols[None, :] == rows[:, None]))
     # Thresholds through the dense reference's membership; labels compare row with column here.
-    a = membership(c, k_rows, None, candidates, options)
+    a, rest = membership(c, k_rows, None, candidates, options, complement=True)
     if labels_rows is not None:
-        same = labels_rows[rows][:, None] == labels_rows[None, :]
-        a = torch.where(same & candidates, torch.ones_like(a), a)
-    return losses_from_similarities(c, a, partner, candidates, k_rows, options)
+        same = (labels_rows[rows][:, None] == labels_rows[None, :]) & candidates
+        a = torch.where(same, torch.ones_like(a), a)
+        rest = torch.where(same, torch.zeros_like(rest), rest)
+    return losses_from_similarities(c, a, rest, partner, candidates, k_rows, options)

@@ -14,6 +14,12 @@ Each impl turns prepared inputs and a mode into a zero-argument callable (the th
 - ``official-loop`` the authors' style: dense logits, soft targets built row by row in a Python
                loop (a ``nonzero`` per row, so a host sync per row), then the soft-label
                cross-entropy on the materialised logits. Default options, N <= 2048 only.
+- ``fused-labels`` the fused kernel with (B,) labels as well (DuoRec's same-target positives:
+               about two rows per label, plus the threshold).
+- ``fused-soft``  the fused kernel with ``threshold="soft"`` (beta 0.05); ``fwd+bwd`` also takes
+               the gradient of k (the row reduction of the backward).
+- ``fused-stats`` the fused kernel with ``return_stats=True`` (2048-bin histogram of the
+               similarities, per-row m_i). The three measure each option's cost over ``fused``.
 
 Modes: ``"fwd"`` is the forward of a training step (inputs require grad, so the graph and the
 saved tensors are built, as in training) and ``"fwd+bwd"`` adds the gradients with
@@ -40,7 +46,10 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
 
 from adaptive_cl import adaptive_info_nce  # noqa: E402
 
-IMPLS = ("fused", "eager", "compiled", "sdpa", "sdpa-efficient", "official-loop")
+IMPLS = ("fused", "eager", "compiled", "sdpa", "sdpa-efficient", "official-loop", "fused-labels", "fused-soft",
+         "fused-stats")
+#: The fused kernel with one option more (issue 15): each is compared with "fused".
+OPTION_IMPLS = ("fused-labels", "fused-soft", "fused-stats")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GRID_N = (512, 2048, 8192, 16384, 32768, 65536)
@@ -71,6 +80,8 @@ class Inputs:
     k: torch.Tensor
     stacked: torch.Tensor  # Z = [z; z_aug] as one (N, D) leaf for the sdpa impls
     grad_out: torch.Tensor  # upstream gradient of the sdpa output
+    labels: torch.Tensor | None = None  # (B,) int64, about two rows per label (fused-labels)
+    k_leaf: torch.Tensor | None = None  # k as a leaf that requires grad (fused-soft)
 
 
 def make_inputs(n: int, d: int, dtype: torch.dtype, device="cuda", seed: int = 0) -> Inputs:
@@ -83,6 +94,7 @@ def make_inputs(n: int, d: int, dtype: torch.dtype, device="cuda", seed: int = 0
     k = Q90 / math.sqrt(d) * (1.0 + 0.1 * torch.rand(b, generator=g))
     stacked = torch.cat([z, z_aug])
     grad_out = torch.randn(1, 1, n, d, generator=g)
+    labels = torch.randint(0, max(1, b // 2), (b,), generator=g)
     to = dict(device=device, dtype=dtype)
     return Inputs(
         n=n,
@@ -93,13 +105,15 @@ def make_inputs(n: int, d: int, dtype: torch.dtype, device="cuda", seed: int = 0
         k=k.to(device=device, dtype=torch.float32),
         stacked=stacked.to(**to).requires_grad_(True),
         grad_out=grad_out.to(**to),
+        labels=labels.to(device),
+        k_leaf=k.to(device=device, dtype=torch.float32).requires_grad_(True),
     )
 
 
 def input_bytes(n: int, d: int, dtype: torch.dtype) -> int:
     """What make_inputs allocates on the device (excluded from the peak-memory delta)."""
     size = torch.empty((), dtype=dtype).element_size()
-    return 3 * n * d * size + (n // 2) * 4
+    return 3 * n * d * size + (n // 2) * (4 + 8 + 4)
 
 
 def estimate_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype) -> int:
@@ -133,13 +147,15 @@ def skip_reason(impl: str, n: int, d: int, dtype: torch.dtype, mode: str, total_
     return None
 
 
-def fused_unavailable_reason(inputs: Inputs) -> str | None:
+def fused_unavailable_reason(inputs: Inputs, impl: str = "fused") -> str | None:
     """Why backend='triton' cannot run these inputs (kernels missing, options uncovered)."""
     from adaptive_cl import backends
     from adaptive_cl.contract import make_options, prepare
 
     try:
-        p = prepare(inputs.z, inputs.z_aug, inputs.k, None, make_options())
+        labels = inputs.labels if impl == "fused-labels" else None
+        opts = make_options(**SOFT) if impl == "fused-soft" else make_options()
+        p = prepare(inputs.z, inputs.z_aug, inputs.k, labels, opts)
         return backends.triton_unavailable_reason(p)
     except Exception as err:  # noqa: BLE001 - any failure to import or prepare is a reason
         return f"{type(err).__name__}: {err}"
@@ -203,7 +219,27 @@ def _sdpa_callable(backend_name: str) -> Callable[[Inputs], torch.Tensor]:
     return attention
 
 
+#: The soft threshold's options in fused-soft.
+SOFT = dict(threshold="soft", threshold_scale=0.05)
+
+
+def _fused_labels(x: Inputs) -> torch.Tensor:
+    return adaptive_info_nce(x.z, x.z_aug, x.k, labels=x.labels, backend="triton")
+
+
+def _fused_soft(x: Inputs) -> torch.Tensor:
+    return adaptive_info_nce(x.z, x.z_aug, x.k_leaf, backend="triton", **SOFT)
+
+
+def _fused_stats(x: Inputs) -> torch.Tensor:
+    loss, stats = adaptive_info_nce(x.z, x.z_aug, x.k, backend="triton", return_stats=True)
+    return loss
+
+
 FORWARDS: dict[str, Callable[[Inputs], torch.Tensor]] = {
+    "fused-labels": _fused_labels,
+    "fused-soft": _fused_soft,
+    "fused-stats": _fused_stats,
     "fused": _loss_callable("triton"),
     "eager": _loss_callable("reference"),
     "compiled": _loss_callable("compiled"),
@@ -220,15 +256,17 @@ def make_step(impl: str, inputs: Inputs, mode: str) -> Callable[[], object]:
         raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if impl == "fused":
-        reason = fused_unavailable_reason(inputs)
+    if impl == "fused" or impl in OPTION_IMPLS:
+        reason = fused_unavailable_reason(inputs, impl)
         if reason is not None:
-            raise Unavailable(f"fused (backend='triton') unavailable: {reason}")
+            raise Unavailable(f"{impl} (backend='triton') unavailable: {reason}")
     if impl == "compiled":
         _allow_many_compiles()
     forward = FORWARDS[impl]
     sdpa = impl.startswith("sdpa")
     leaves = (inputs.stacked,) if sdpa else (inputs.z, inputs.z_aug)
+    if impl == "fused-soft":
+        leaves = leaves + (inputs.k_leaf,)  # dL/dk: the soft threshold's row reduction
 
     if mode == "fwd":
         def step():

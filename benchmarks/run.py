@@ -58,6 +58,9 @@ DEFAULT_N = (512, 2048, 8192, 16384, 32768)
 DEFAULT_D = (64,)
 WIDE_D = {"impls": ("fused", "sdpa"), "N": (2048, 8192, 32768), "D": (128, 256)}
 QUICK = {"impls": ("fused", "eager", "compiled", "sdpa"), "N": (512, 16384, 32768), "D": (64,), "modes": ("fwd+bwd",)}
+#: The fused kernel's options (labels, soft threshold, return_stats) next to "fused", default set
+#: (the quick set: N = 32768 fwd+bwd only); the cost table divides each by "fused".
+OPTIONS = {"impls": impls.OPTION_IMPLS, "N": (8192, 32768), "D": (64,)}
 #: (N, D, dtype) groups the "Done when" targets read: measured first, whatever the budget.
 TARGET_GROUPS = ((32768, 64, "bfloat16"), (32768, 64, "float32"), (512, 64, "float32"), (16384, 64, "float32"))
 
@@ -152,6 +155,25 @@ def markdown_table(records: list[dict]) -> str:
             out.append(f"| {n} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def option_costs(records: list[dict]) -> str:
+    """Each option impl's time over "fused" on the same (N, D, dtype, mode, device, precision):
+    the measured counterpart of the predictions in NOTES.md. Empty when no pair was measured."""
+    base = {(r["N"], r["D"], r["dtype"], r["mode"], r["device"], r.get("fp32_precision")): r
+            for r in records if r["impl"] == "fused"}
+    lines = []
+    for r in records:
+        key = (r["N"], r["D"], r["dtype"], r["mode"], r["device"], r.get("fp32_precision"))
+        if r["impl"] in impls.OPTION_IMPLS and key in base and base[key]["median_ms"] > 0:
+            ratio = r["median_ms"] / base[key]["median_ms"]
+            lines.append(f"| {r['impl']} | {r['N']} | {r['D']} | {r['dtype']} | {r['mode']} | "
+                         f"{r['median_ms']:.3f} | {base[key]['median_ms']:.3f} | {ratio:.2f} |")
+    if not lines:
+        return ""
+    head = ["### Options over the plain fused kernel", "",
+            "| impl | N | D | dtype | mode | ms | fused ms | ratio |", "|---|---:|---:|---|---|---:|---:|---:|"]
+    return "\n".join(head + sorted(lines)) + "\n"
 
 
 def plot(records: list[dict], stem: str) -> list[str]:
@@ -349,6 +371,9 @@ def build_plan(args) -> list[tuple]:
         combos = {(i, n, d, t, m) for i in (args.impls or QUICK["impls"]) for n in (args.N or QUICK["N"])
                   for d in (args.D or QUICK["D"]) for t in (args.dtypes or tuple(impls.DTYPES))
                   for m in (args.modes or QUICK["modes"])}
+        if not (args.N or args.D or args.impls):
+            combos |= {(i, 32768, 64, t, "fwd+bwd") for i in OPTIONS["impls"]
+                       for t in (args.dtypes or tuple(impls.DTYPES))}
     else:
         sel_impls = args.impls or DEFAULT_IMPLS
         dtypes = args.dtypes or tuple(impls.DTYPES)
@@ -357,6 +382,8 @@ def build_plan(args) -> list[tuple]:
                   for t in dtypes for m in modes}
         if not (args.N or args.D or args.impls):
             combos |= {(i, n, d, t, m) for i in WIDE_D["impls"] for n in WIDE_D["N"] for d in WIDE_D["D"]
+                       for t in dtypes for m in modes}
+            combos |= {(i, n, d, t, m) for i in OPTIONS["impls"] for n in OPTIONS["N"] for d in OPTIONS["D"]
                        for t in dtypes for m in modes}
     order = {name: i for i, name in enumerate(impls.IMPLS)}
 
@@ -517,6 +544,9 @@ def main(argv=None) -> int:
     merged = write_records(path, records)
     print(f"wrote {len(records)} records to {path} ({len(merged)} in the file)\n")
     print(markdown_table(records))
+    costs = option_costs(merge_records([r for r in load_records(path) if r["device"] == device], []))
+    if costs:
+        print(costs)
     if not args.no_plot:
         mine = [r for r in merged if r["device"] == device]
         for p in plot(mine, os.path.splitext(path)[0]):

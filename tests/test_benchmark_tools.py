@@ -226,7 +226,7 @@ def test_run_main_loop_with_a_fake_device(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(run, "bench_ms", lambda step, **kw: (calls.append(step()), 1.5)[1])
     monkeypatch.setattr(run, "peak_mib", lambda step: 2.5)
-    monkeypatch.setattr(impls, "fused_unavailable_reason", lambda x: "no kernels on the fake device")
+    monkeypatch.setattr(impls, "fused_unavailable_reason", lambda x, impl="fused": "no kernels on the fake device")
     out = tmp_path / "fake.json"
     argv = ["--impls", "fused,eager,official-loop", "--N", "8,16", "--D", "4", "--dtypes", "float32",
             "--output", str(out)]
@@ -255,3 +255,31 @@ def test_run_main_loop_with_a_fake_device(tmp_path, monkeypatch):
     out2 = tmp_path / "errors.json"
     assert run.main(argv[:-1] + [str(out2), "--no-plot"]) == 1
     assert {r["impl"] for r in run.load_records(str(out2))} == {"eager"}
+
+
+def test_option_impls_run_and_compare_with_fused():
+    """fused-labels / fused-soft / fused-stats (issue 15) run the kernel (the interpreter here)
+    with their option, fused-soft's backward also returns dL/dk; the plans include them, and the
+    cost table divides each by the plain kernel's time."""
+    pytest.importorskip("triton")
+    x = impls.make_inputs(16, 8, torch.float32, device="cpu", seed=2)
+    for impl in impls.OPTION_IMPLS:
+        assert impls.fused_unavailable_reason(x, impl) is None
+        loss = impls.make_step(impl, x, "fwd")()
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        grads = impls.make_step(impl, x, "fwd+bwd")()
+        assert len(grads) == (3 if impl == "fused-soft" else 2)
+        assert all(torch.isfinite(g).all() for g in grads)
+    plan = run.build_plan(run.parse_args([]))
+    assert {(i, 32768, 64, "bfloat16", "fwd+bwd") for i in impls.OPTION_IMPLS} <= set(plan)
+    quick = run.build_plan(run.parse_args(["--quick"]))
+    assert {(i, 32768, 64, "float32", "fwd+bwd") for i in impls.OPTION_IMPLS} <= set(quick)
+    meta = dict(device="GPU", torch_version="t", triton_version="t", date="2026-01-01", command="c",
+                fp32_precision="highest")
+    recs = [run.make_record("fused", 8192, 64, "bfloat16", "fwd+bwd", 2.0, 1.0, **meta),
+            run.make_record("fused-soft", 8192, 64, "bfloat16", "fwd+bwd", 3.0, 1.0, **meta),
+            run.make_record("fused-labels", 8192, 64, "float32", "fwd+bwd", 3.0, 1.0, **meta)]
+    table = run.option_costs(recs)
+    assert "| fused-soft | 8192 | 64 | bfloat16 | fwd+bwd | 3.000 | 2.000 | 1.50 |" in table
+    assert "fused-labels" not in table  # no plain-kernel record of the same shape to divide by
+    assert run.option_costs(recs[:1]) == ""

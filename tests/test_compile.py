@@ -83,6 +83,8 @@ CASES = {
     "triton": [
         dict(k="B", options=dict(reduction="none", denominator="all")),
         dict(k="float", options=dict(weighting="unit", positive_weight=0.4, temperature=0.5)),
+        dict(k="B", labels=True, options=dict(temperature=0.5, reduction="none")),
+        dict(k="soft", options=dict(threshold="soft", threshold_scale=0.1, weighting="unit", positive_weight=0.3)),
     ],
 }
 
@@ -166,11 +168,10 @@ def _opcheck_samples(backend):
     yield _op_args(z, z_aug, k_value=value, backend=backend)
     yield _op_args(z, z_aug, k=k_n, backend=backend, reduction="none", denominator="all")
     yield _op_args(z, z_aug, backend=backend, normalize=False, reduction="sum", temperature=2.0)
-    if backend in ("reference", "cpu"):
-        labels = torch.tensor([0, 1, 0, 2, 1])
-        yield _op_args(z, z_aug, k=k_b.clone().requires_grad_(True), labels=labels, backend=backend,
-                       threshold="soft", weighting="unit", positive_weight=0.3)
-        yield _op_args(z, z_aug, labels=labels.repeat(2), backend=backend, reduction="none")
+    labels = torch.tensor([0, 1, 0, 2, 1], device=device)  # every backend fuses labels and the soft threshold
+    yield _op_args(z, z_aug, k=k_b.clone().requires_grad_(True), labels=labels, backend=backend,
+                   threshold="soft", weighting="unit", positive_weight=0.3)
+    yield _op_args(z, z_aug, labels=labels.repeat(2), backend=backend, reduction="none")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto", "triton", "cpu"])

@@ -40,7 +40,7 @@ def test_unwired_backend_is_named():
     with pytest.raises(ValueError, match="backend='compiled' has no distributed implementation.*'reference'"):
         adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2), backend="compiled")
     with pytest.raises(ValueError, match="backend='triton' cannot run these inputs"):
-        adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2), labels=torch.arange(3),
+        adaptive_info_nce_distributed(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64),
                                       backend="triton")
 
 

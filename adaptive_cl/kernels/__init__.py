@@ -1,4 +1,5 @@
-"""Fused Triton kernels of the AdaptiveRec InfoNCE (hard threshold, no labels).
+"""Fused Triton kernels of the AdaptiveRec InfoNCE: every option of the loss (hard and soft
+threshold, labels, both denominators and weightings) and its statistics (return_stats).
 
 ``unsupported_reason(p)`` says why these inputs cannot run here (None when they can);
 ``adaptive_info_nce_triton(p)`` computes the reduced loss through one autograd Function.
@@ -18,7 +19,7 @@ import torch
 
 from ..contract import Prepared
 from . import adaptive_info_nce_fwd as _fwd
-from .function import AdaptiveInfoNCEFunction
+from .function import MAX_LABEL_ROWS, AdaptiveInfoNCEFunction
 
 __all__ = ["unsupported_reason", "adaptive_info_nce_triton"]
 
@@ -38,15 +39,25 @@ def unsupported_reason(p: Prepared) -> str | None:
     if _fwd.INTERPRET and not z.is_cuda and z.dtype == torch.bfloat16:
         return ("bfloat16 under Triton's CPU interpreter (its bfloat16 tl.dot is wrong); "
                 "use a CUDA device or backend='reference'")
-    if p.labels_rows is not None:
-        return "labels (supervised extra positives) is not fused yet; use backend='reference' or 'auto'"
-    if p.options.threshold == "soft":
-        return "threshold='soft' is not fused yet; use backend='reference' or 'auto'"
+    if p.labels_rows is not None and 2 * p.batch > MAX_LABEL_ROWS:
+        return (f"labels with N = {2 * p.batch} > {MAX_LABEL_ROWS} rows (the kernels compare label ids "
+                "as float32, exact up to 2^24)")
     return None
 
 
-def adaptive_info_nce_triton(p: Prepared) -> torch.Tensor:
+def adaptive_info_nce_triton(p: Prepared):
     """The reduced loss (float32) via the fused kernels (adaptive_cl.reference is its readable
-    specification); gradients to z, z_aug, k."""
+    specification); gradients to z, z_aug, k (dL/dk with the soft threshold, zero with the
+    hard one). With ``p.stats``: (loss, LossStats), counted in the forward pass."""
     k_rows = None if p.k_scalar is not None else p.k_rows
-    return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options)
+    if p.stats is None:
+        return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options, p.labels_rows)
+    from ..stats import LossStats
+
+    loss, m, counts = AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options, p.labels_rows,
+                                                    p.stats)
+    return loss, LossStats(m=m, histogram=counts, range=p.stats.range)
+
+
+#: This backend returns (loss, LossStats) itself when p.stats is set (adaptive_cl.functional).
+adaptive_info_nce_triton.fused_stats = True

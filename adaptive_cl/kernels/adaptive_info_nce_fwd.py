@@ -154,56 +154,181 @@ def cosine(acc, inv_i, inv_j, NORMALIZE: tl.constexpr):
     if NORMALIZE:
         return acc * (inv_i[:, None] * inv_j[None, :])
     else:
-        return acc
+        # inv_i is the runtime scalar 1.0 (``one``): the raw dot times 1.0 (exact). Triton 3.6's
+        # software pipeliner (num_stages >= 2) fails to compile a loop whose wgmma
+        # accumulator feeds the elementwise code directly (PassManager::run failed in
+        # TritonGPUPipeline, sm_90, bf16 D = 64, every normalize=False variant); a multiply by
+        # a value it cannot fold avoids it, for one FMUL per element.
+        return acc * inv_i
 
 
 @triton.jit
-def _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt, sum_c, c_par, qk_scale,
+def sigmoid2(x2):
+    """(a, q) = (sigmoid(-x2 ln 2), 1 - a) = (1 / (1 + u), u / (1 + u)) with u = 2^x2: one exp2
+    and one reciprocal. q is computed as u a, not 1 - a, so it keeps its relative precision
+    as a -> 1 (a candidate far above k still enters the "negatives" denominator with its tiny
+    weight, which matters when tau < beta). x2 is capped at 126 so that u stays finite (a is
+    then 2^-126 instead of smaller: no effect on the loss); the cap drops a NaN (NaN thresholds
+    are handled per row by the callers)."""
+    u = tl.exp2(tl.minimum(x2, 126.0))
+    a = 1.0 / (1.0 + u)
+    return a, u * a
+
+
+@triton.jit
+def label_threshold(kk, lab_i, lab_j):
+    """The threshold with same-label pairs moved to -inf (the backward's form): c > -inf always
+    holds (hard), and 2^(-inf) = 0 gives a = 1, 1 - a = 0 (soft), so a shared label makes j an
+    extra positive whatever k_i is (NaN and +-inf included). ``lab_i`` / ``lab_j``: the labels'
+    ids (float32, exact) of a row block and a column tile: nothing N x N is built."""
+    return tl.where(lab_i[:, None] == lab_j[None, :], float("-inf"), kk)
+
+
+#: The forward's thresholds for label_shift: |k| beyond K_CLAMP acts as K_CLAMP (a hard
+#: threshold of 1e38 already excludes every similarity but the absurd), so that subtracting
+#: LABEL_SHIFT puts any threshold below every c.
+K_CLAMP = tl.constexpr(1.0e38)
+LABEL_SHIFT = tl.constexpr(3.0e38)
+
+
+@triton.jit
+def clamp_threshold(k):
+    """Per row, for label_shift: NaN (no threshold positive) -> K_CLAMP, +-inf -> +-K_CLAMP."""
+    k = tl.where(k != k, K_CLAMP, k)
+    return tl.minimum(tl.maximum(k, -K_CLAMP), K_CLAMP)
+
+
+@triton.jit
+def label_shift(kk, lab_i, lab_j):
+    """The forward's form of label_threshold, arithmetic: kk - LABEL_SHIFT [same label] (kk from
+    clamp_threshold, so a shared label takes it to <= -2e38 or -inf, below every c; soft:
+    2^(-2e38) = 0, a = 1, 1 - a = 0). A 0/1 float and an FMA, not a select: the compiler hoists
+    the label compares above the tile's product, and 32 live predicates per thread then spill
+    from the predicate registers and are unpacked again (~5 instructions per element, not 2)."""
+    same = (lab_i[:, None] == lab_j[None, :]).to(tl.float32)
+    return kk - same * LABEL_SHIFT
+
+
+@triton.jit
+def hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
+              MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              STATS: tl.constexpr, HIST_ATOMIC: tl.constexpr):
+    """Count the tile's candidate pairs (i, j) with j > i into STATS bins of c on [lo, hi)
+    (bin = floor((c - lo) bin_scale), clamped to the edge bins). Only j > i: c_ij = c_ji, so the
+    caller doubles the counts (half the work). HIST_ATOMIC: an atomic increment per element into
+    this program's row of the (programs, STATS) buffer; otherwise tl.histogram (shared-memory
+    atomics on Triton >= 3.9) accumulated in ``hist``. Integer counts: the result does not
+    depend on the order of the increments."""
+    b = ((c - lo) * bin_scale).to(tl.int32)
+    b = tl.minimum(tl.maximum(b, 0), STATS - 1)
+    if MASKED:
+        m = row_ok[:, None] & (cols[None, :] > rows[:, None]) & cand
+    else:  # an unmasked tile above the diagonal: every j > i
+        m = row_ok[:, None] & (cols < N)[None, :]
+    if HIST_ATOMIC:
+        tl.atomic_add(hist_ptr + b, 1, mask=m, sem="relaxed")
+    else:
+        flat_b = tl.reshape(b, [BLOCK_M * BLOCK_N])
+        flat_m = tl.reshape(m, [BLOCK_M * BLOCK_N])
+        hist += tl.histogram(flat_b, STATS, mask=flat_m)
+    return hist
+
+
+@triton.jit
+def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_c, c_par, qk_scale, nlb,
+              upper, row_ok, hist, hist_ptr, lo, bin_scale,
               MASKED: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
-              DEN_ALL: tl.constexpr):
+              DEN_ALL: tl.constexpr, LABELS: tl.constexpr, SOFT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS: tl.constexpr, HIST_ATOMIC: tl.constexpr):
     """Fold one tile of cosines (or dots) c into the row statistics. MASKED: the tile may
-    contain the diagonal, partners or columns >= N; otherwise every entry is a candidate."""
+    contain the diagonal, partners or columns >= N; otherwise every entry is a candidate.
+    Membership: hard, [c > k_i] or a shared label; SOFT, a = sigmoid((c - k_i)/beta) (``k_i``
+    is then k_i log2(e)/beta and ``nlb`` = log2(e)/beta), 1 for a shared label. STATS: also
+    count the tile's pairs j > i into the histogram (``upper``: an unmasked tile lies above the
+    diagonal; unmasked tiles never straddle it, since they hold no diagonal entry)."""
+    cand = None
+    valid = None
     if MASKED:
         valid = (cols[None, :] != rows[:, None]) & (cols < N)[None, :]
+        cand = valid & (cols[None, :] != prow[:, None])
         # The partner's c, taken from the tile that also feeds its exponential, so that
         # LSE_i - s_ip cancels consistently when the partner dominates.
         c_par += tl.sum(tl.where(cols[None, :] == prow[:, None], c, 0.0), axis=1)
-    if K_MODE != 0:
-        extra = c > k_i[:, None]
+    kk = k_i[:, None]
+    if LABELS:  # k_i went through clamp_threshold
+        kk = label_shift(kk, lab_i, lab_j)
+    if SOFT:
+        a, q = sigmoid2(kk - c * nlb)  # membership a, denominator weight q = 1 - a
         if MASKED:
-            extra = extra & valid & (cols[None, :] != prow[:, None])
-        cnt += tl.sum(extra.to(tl.float32), axis=1)
-        sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
+            a = tl.where(cand, a, 0.0)
+            q = tl.where(cand, q, 1.0)
+        cnt += tl.sum(a, axis=1)
+        sum_c += tl.sum(a * c, axis=1)
+    elif K_MODE != 0 or LABELS:
+        extra = c > kk
+        if MASKED:
+            extra = extra & cand
+        if LABELS:
+            # As a 0/1 float used arithmetically (predicates: see label_shift).
+            ex_f = extra.to(tl.float32)
+            cnt += tl.sum(ex_f, axis=1)
+            sum_c += tl.sum(ex_f * c, axis=1)
+        else:
+            cnt += tl.sum(extra.to(tl.float32), axis=1)
+            sum_c += tl.sum(tl.where(extra, c, 0.0), axis=1)
     if FIXED_SHIFT:
         e = tl.exp2(c * qk_scale - qk_scale)
-        if K_MODE != 0 and not DEN_ALL:
-            e = tl.where(extra, 0.0, e)
+        if not DEN_ALL:
+            if SOFT:  # denominator weight q = 1 - a
+                e = e * q
+            elif LABELS:
+                e = e - e * ex_f
+            elif K_MODE != 0:
+                e = tl.where(extra, 0.0, e)
         if MASKED:
             e = tl.where(valid, e, 0.0)
         l_run += tl.sum(e, axis=1)
     else:
         t = c * qk_scale
-        if K_MODE != 0 and not DEN_ALL:
-            t = tl.where(extra, float("-inf"), t)
+        if not DEN_ALL:
+            if SOFT:  # every column with weight q > 0 takes part in the shift
+                t = tl.where(q > 0.0, t, float("-inf"))
+            elif K_MODE != 0 or LABELS:
+                t = tl.where(extra, float("-inf"), t)
         if MASKED:
             t = tl.where(valid, t, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(t, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no Den entry yet: avoid inf-inf
-        l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(t - m_use[:, None]), axis=1)
+        p = tl.exp2(t - m_use[:, None])
+        if SOFT and not DEN_ALL:
+            p = p * q
+        l_run = l_run * tl.exp2(m_run - m_use) + tl.sum(p, axis=1)
         m_run = m_new
-    return m_run, l_run, cnt, sum_c, c_par
+    if STATS > 0:
+        if MASKED:
+            hist = hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
+                             True, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
+        elif upper:
+            hist = hist_tile(c, rows, cols, cand, row_ok, N, hist, hist_ptr, lo, bin_scale,
+                             False, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
+    return m_run, l_run, cnt, sum_c, c_par, hist
 
 
 @triton.jit
-def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr,
+def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr, ha_ptr, hist_ptr,
                 B, N, D, ld, row_start, row_stop, s_k,
-                k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha,
+                k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale, one,
                 NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
                 DEN_ALL: tl.constexpr, UNIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                LABELS: tl.constexpr, SOFT: tl.constexpr, STATS: tl.constexpr, HIST_ATOMIC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K_CHUNK: tl.constexpr,
                 ONE_CHUNK: tl.constexpr):
-    # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load).
-    r0 = row_start + tl.program_id(0) * BLOCK_M
+    # K_MODE: 0 no threshold, 1 one scalar k (argument), 2 a k per row (vector load). With SOFT
+    # the thresholds (scalar and vector) come pre-multiplied by log2(e)/beta (= nlb).
+    # LABELS: (N,) float32 label ids at lab_ptr (equal ids exactly for equal labels). STATS > 0: a histogram of c with STATS bins into
+    # this program's row of hist_ptr ((programs, STATS) int32).
+    pid = tl.program_id(0)
+    r0 = row_start + pid * BLOCK_M
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_stop
     prow = tl.where(rows < B, rows + B, rows - B)
@@ -212,28 +337,44 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_
     if ONE_CHUNK:  # all of D in one product: Zs_I stays on chip for the whole row walk
         zi = load_tile(zs_ptr, rows, tl.arange(0, K_CHUNK), N, D, ld)
     zi, zi_lo = left_operand(zi, DOT_PREC)
-    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else k_scalar
-    k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar  # K_MODE 0: unused
+    inv_i = tl.load(inv_ptr + rows, mask=row_ok, other=0.0) if NORMALIZE else one
+    k_i = tl.full([BLOCK_M], 0.0, tl.float32) + k_scalar
+    if K_MODE == 0:  # labels alone: no threshold positive
+        k_i = tl.full([BLOCK_M], K_CLAMP, tl.float32)
     if K_MODE == 2:
         k_i = tl.load(k_ptr + rows.to(tl.int64) * s_k, mask=row_ok, other=0.0).to(tl.float32)
+    k_row = k_i  # as given (a NaN soft threshold makes its row NaN)
+    lab_i = rows
+    if LABELS:
+        lab_i = tl.load(lab_ptr + rows, mask=row_ok, other=0)
+        k_i = clamp_threshold(k_i)
+    hist_row = hist_ptr + pid * STATS
 
     m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     sum_c = tl.zeros([BLOCK_M], dtype=tl.float32)
     dp = tl.zeros([BLOCK_M], dtype=tl.float32)  # c_{i, p(i)}
+    hist = tl.zeros([STATS if STATS > 0 else 1], dtype=tl.int32)
 
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         acc = s_tile(zs_ptr, zi, zi_lo, rows, cols, N, D, ld, BLOCK_M, BLOCK_N, K_CHUNK, ONE_CHUNK, DOT_PREC)
-        inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0) if NORMALIZE else k_scalar
+        inv_j = tl.load(inv_ptr + cols, mask=cols < N, other=0.0) if NORMALIZE else one
         c = cosine(acc, inv_i, inv_j, NORMALIZE)
+        lab_j = cols
+        if LABELS:
+            lab_j = tl.load(lab_ptr + cols, mask=cols < N, other=0)
         if special_tile(n0, r0, B, N, BLOCK_M, BLOCK_N):
-            m_run, l_run, cnt, sum_c, dp = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt,
-                                                     sum_c, dp, qk_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL)
+            m_run, l_run, cnt, sum_c, dp, hist = _fwd_tile(
+                c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_c, dp, qk_scale, nlb,
+                n0 > r0, row_ok, hist, hist_row, lo, bin_scale, True, FIXED_SHIFT, K_MODE, DEN_ALL, LABELS,
+                SOFT, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
         else:
-            m_run, l_run, cnt, sum_c, dp = _fwd_tile(c, rows, cols, prow, N, k_i, m_run, l_run, cnt,
-                                                     sum_c, dp, qk_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL)
+            m_run, l_run, cnt, sum_c, dp, hist = _fwd_tile(
+                c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_c, dp, qk_scale, nlb,
+                n0 > r0, row_ok, hist, hist_row, lo, bin_scale, False, FIXED_SHIFT, K_MODE, DEN_ALL, LABELS,
+                SOFT, BLOCK_M, BLOCK_N, STATS, HIST_ATOMIC)
 
     l_run = tl.where(row_ok, l_run, 1.0)  # padding rows: keep log2 finite
     if FIXED_SHIFT:
@@ -246,6 +387,7 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_
         # two terms of size (1 - c_p)/tau rather than two of size 1/tau:
         # LSE_i - s_ip = ln(l_i) + (1 - c_ip)/tau, sum_A (LSE_i - s_ij) = m ln(l_i) + sum_A (1 - c_ij)/tau.
         ln_l = tl.log(l_run)
+        lse = inv_tau + ln_l
         ce_p = ln_l + (1.0 - dp) * inv_tau
         pos = cnt * ln_l + (cnt - sum_c) * inv_tau
     else:
@@ -255,20 +397,31 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_
     guard = tl.maximum(cnt, 1.0)
     if UNIT:
         loss = ce_p - log_alpha
-        if K_MODE != 0:
+        if K_MODE != 0 or LABELS or SOFT:  # a row may have extra positives
             loss += pos - cnt * (log_1m_alpha - tl.log(guard))
         w_tot = 1.0 + cnt
         w_x = tl.full([BLOCK_M], 1.0, tl.float32)
     else:
         loss = alpha * ce_p
-        if K_MODE != 0:
+        if K_MODE != 0 or LABELS or SOFT:  # a row may have extra positives
             loss += (1.0 - alpha) / guard * pos
-        w_tot = tl.where(cnt > 0.0, 1.0, alpha)
         w_x = (1.0 - alpha) / guard
+        if SOFT:
+            w_tot = alpha + w_x * cnt
+        else:
+            w_tot = tl.where(cnt > 0.0, 1.0, alpha)
     if FIXED_SHIFT:
         rs = w_tot * tl.exp2(qk_scale - lse2)
     else:
         rs = lse2 - tl.log2(w_tot)
+    if SOFT:
+        # A NaN threshold k_i: row i's loss and m_i are NaN (the contract), and so is its
+        # backward factor rs_i, which makes every gradient it touches NaN (sigmoid2's cap drops
+        # the NaN inside the tiles).
+        nan_k = k_row != k_row
+        loss = tl.where(nan_k, float("nan"), loss)
+        cnt = tl.where(nan_k, float("nan"), cnt)
+        rs = tl.where(nan_k, float("nan"), rs)
     # Any NaN / inf in z or z_aug: every row's loss is NaN (the backward does the same to the
     # gradients), instead of whatever the masked NaN left behind.
     loss = tl.where(tl.load(flag_ptr) != 0, float("nan"), loss)
@@ -277,3 +430,16 @@ def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_
     tl.store(cnt_ptr + out, cnt, mask=row_ok)
     tl.store(rs_ptr + out, rs, mask=row_ok)
     tl.store(wx_ptr + out, w_x, mask=row_ok)
+    if SOFT:
+        # A_i of dl_i/da_ij = A_i - B_i c_ij - [negatives] W_i E_ij (B_i = w_x / tau):
+        # normalized  A_i = w_x (LSE_i - [m_i > 1] T_i / m_i), and LSE_i - T_i / m_i is exactly
+        #             sum_j a_ij c_ij / (m_i tau) (T_i = sum_j a_ij (LSE_i - s_ij));
+        # unit        A_i = LSE_i - log(1 - alpha) + log max(m_i, 1) + [m_i > 1].
+        if UNIT:
+            h_a = lse - log_1m_alpha + tl.log(guard) + tl.where(cnt > 1.0, 1.0, 0.0)
+        else:
+            h_a = w_x * tl.where(cnt > 1.0, sum_c * inv_tau / guard, lse)
+        tl.store(ha_ptr + out, h_a, mask=row_ok)
+    if STATS > 0:
+        if not HIST_ATOMIC:
+            tl.store(hist_row + tl.arange(0, STATS), hist)

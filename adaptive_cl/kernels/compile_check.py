@@ -17,10 +17,13 @@ elements per tile), split into MUFU, FP32, MMA and the rest. Nested loops (the K
 float32 FMA path, wide D) are counted once per outer iteration, so their per-element figures
 are lower bounds.
 
-Checks (exit status 1 when one fails): every launch compiles; no register spill in the
-default configurations (bfloat16, float16, float32 tf32 / "ieee" / "3xtf32" at D <= 128);
-shared memory <= 227 KB; and for bfloat16 D = 64 with the default options the issue-12 targets
-on the interior path: backward <= 32 instructions and <= 1.0 MUFU per element, forward <= 18.
+Checks (exit status 1 when one fails): every launch compiles; no register spill in any
+launch of the set (every dtype, path and D bucket; the options of issue 15 included: the soft
+threshold has its own tiles, ``launch.SOFT_TABLE``); shared memory <= 227 KB; and for bfloat16
+D = 64 with the default options the issue-12 targets on the interior path: backward <= 32
+instructions and <= 1.0 MUFU per element, forward <= 18. Forward kernels with return_stats also
+report the path through the histogram's increments (``per_element_hist``: the tiles above the
+diagonal; the others skip the histogram).
 
 This reaches into Triton internals (``create_function_from_signature``, ``JITFunction._pack_args``,
 ``knobs.nvidia.dump_ptxas_log``), checked on triton 3.6 and 3.9. It must run without
@@ -57,15 +60,18 @@ class Variant:
     k: str = "rows"  # "none", "scalar", "rows"
     b: int = 8192
     config: object = None  # a launch.LaunchConfig instead of the table's (exploring candidates)
+    labels: bool = False  # (N,) int64 labels
+    stats: int = 0  # return_stats with this many bins (0: none)
 
     @property
     def default_opts(self) -> bool:
-        return not self.opts and self.k == "rows"
+        return not self.opts and self.k == "rows" and not self.labels and not self.stats
 
     @property
     def name(self) -> str:
         o = ",".join(f"{k}={v}" for k, v in sorted(self.opts.items()))
-        return f"{str(self.dtype).split('.')[-1]}/{self.path} D{self.d} k={self.k}" + (f" {o}" if o else "")
+        extra = (" labels" if self.labels else "") + (f" stats={self.stats}" if self.stats else "")
+        return f"{str(self.dtype).split('.')[-1]}/{self.path} D{self.d} k={self.k}" + (f" {o}" if o else "") + extra
 
 
 _PRECISION = {"ieee": ("highest", "ieee"), "3xtf32": ("highest", "3xtf32"), "tf32": ("high", "ieee"),
@@ -78,23 +84,44 @@ OPTION_SETS = [
     (dict(temperature=0.02, denominator="all"), "rows"),
     (dict(normalize=False, weighting="unit", reduction="sum"), "rows"),
 ]
+# The issue-15 options, each alone on the default path (their cost over it, NOTES.md), then
+# combined: (opts, k, labels, stats bins).
+FEATURE_SETS = [
+    ({}, "rows", True, 0),
+    ({}, "none", True, 0),
+    (dict(threshold="soft"), "rows", False, 0),
+    (dict(threshold="soft"), "scalar", False, 0),
+    ({}, "rows", False, 2048),
+    (dict(threshold="soft", denominator="all", weighting="unit"), "rows", True, 0),
+    (dict(threshold="soft", temperature=0.02, normalize=False), "rows", True, 256),
+]
 
 
 def variant_set(name: str) -> list[Variant]:
     """"ci": default options of bfloat16 D = 64 (the targets), float16 and float32 tf32 at
-    D = 128, the float32 default ("ieee") at D = 64, one option set (a couple of minutes on 2
-    cores); "default": every path at D in {64, 128} plus the option sets for bfloat16 D = 64;
-    "full": also D in {32, 256, 320} and the option sets for "ieee"."""
+    D = 128, the float32 default ("ieee") at D = 64, one option set, and the issue-15 options
+    (soft threshold, labels, stats) on the cosine and the raw-dot paths (about a minute on 2
+    cores); "default": every path at D in {64, 128} plus the option sets and the issue-15
+    feature sets for bfloat16 D = 64; "full": also D in {32, 256, 320}, the option sets for
+    "ieee", and soft + labels + stats on every path at D in {64, 128, 256}."""
     main = [(torch.bfloat16, "native"), (torch.float16, "native"), (torch.float32, "tf32"),
             (torch.float32, "ieee"), (torch.float32, "3xtf32")]
+    features = [Variant(torch.bfloat16, "native", 64, o, k, labels=lab, stats=st) for o, k, lab, st in FEATURE_SETS]
     if name == "ci":
         return [Variant(torch.bfloat16, "native", 64), Variant(torch.float16, "native", 128),
                 Variant(torch.float32, "tf32", 128), Variant(torch.float32, "ieee", 64),
-                Variant(torch.bfloat16, "native", 64, *OPTION_SETS[1])]
+                Variant(torch.bfloat16, "native", 64, *OPTION_SETS[1]),
+                Variant(torch.bfloat16, "native", 64, dict(threshold="soft"), "rows", labels=True, stats=2048),
+                Variant(torch.bfloat16, "native", 64, dict(threshold="soft", normalize=False, temperature=0.5),
+                        "rows", labels=True, stats=256)]
     ds = (64, 128) if name == "default" else (32, 64, 128, 256, 320)
     out = [Variant(dt, p, d) for dt, p in main for d in ds]
     for dt, p in ((torch.bfloat16, "native"),) + (((torch.float32, "ieee"),) if name == "full" else ()):
         out += [Variant(dt, p, 64, o, k) for o, k in OPTION_SETS]
+    out += features
+    if name == "full":
+        out += [Variant(dt, p, d, dict(threshold="soft"), "rows", labels=True, stats=2048)
+                for dt, p in main for d in (64, 128, 256)]
     return out
 
 
@@ -138,11 +165,15 @@ def launches_for(v: Variant) -> list[Launch]:
         za = torch.empty(v.b, v.d, dtype=v.dtype)
         k_rows = torch.empty(2 * v.b, dtype=torch.float32) if v.k == "rows" else None
         k_scalar = 0.3 if v.k == "scalar" else None
+        labels = torch.empty(2 * v.b, dtype=torch.int64) if v.labels else None
         with recording(function) as launches:
-            pr = function.prepare_rows(z, za, k_rows, k_scalar, o, config=v.config)
-            loss, cnt, rs, wx = function.forward_rows(pr, o)
+            pr = function.prepare_rows(z, za, k_rows, k_scalar, o, labels_rows=labels, config=v.config)
+            hist = function.hist_buffer(pr, v.stats) if v.stats else None
+            loss, cnt, rs, wx, *ha = function.forward_rows(pr, o, hist=hist)
             grad = torch.empty(2 * v.b) if o.reduction == "none" else torch.ones(())
-            function.backward_rows(pr, o, cnt, rs, wx, grad)
+            soft_k = o.threshold == "soft" and k_rows is not None
+            function.backward_rows(pr, o, cnt, rs, wx, grad, ha=ha[0] if ha else None,
+                                   dk=torch.empty(2 * v.b) if soft_k else None)
         return launches
     finally:
         torch.set_float32_matmul_precision(before)
@@ -202,6 +233,9 @@ _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:\{\s*)?(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)(.*?);")
 _TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _FP32 = {"FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FSWZADD"}
+#: The histogram's increments: shared-memory atomics (tl.histogram on triton >= 3.9), global
+#: reductions / atomics ("atomic" mode), or warp votes (tl.histogram's ballots on older triton).
+HIST_OPS = ("ATOMS", "RED", "REDG", "ATOMG", "ATOM", "VOTE")
 
 
 def classify(op: str) -> str:
@@ -234,9 +268,11 @@ def parse_sass(text: str):
     return instrs, labels
 
 
-def interior_path(text: str) -> dict | None:
+def interior_path(text: str, through: tuple[str, ...] = ()) -> dict | None:
     """Instruction classes on the shortest path through the outermost loop (header -> latch),
-    or None when the kernel has no loop."""
+    or None when the kernel has no loop. ``through``: the shortest such path that passes a
+    block holding one of these opcodes (the histogram's atomics: its tiles are the ones above
+    the diagonal, not the shortest way round the loop); None when no path does."""
     instrs, labels = parse_sass(text)
     n = len(instrs)
     leaders = {0}
@@ -266,24 +302,32 @@ def interior_path(text: str) -> dict | None:
     if not back:
         return None
     latch, header = max(back, key=lambda x: x[0] - x[1])
-    # Shortest header -> latch path in the loop body without back edges (a DAG in block order).
+    marked = {j for j, (s, e) in enumerate(blocks) if any(instrs[i][1] in through for i in range(s, e))}
+    need = bool(through)
+    # Shortest header -> latch path in the loop body without back edges (a DAG in block order),
+    # with a flag: has the path passed a marked block yet.
     inf = float("inf")
-    cost = {header: blocks[header][1] - blocks[header][0]}
-    prev = {header: None}
+    start = (header, header in marked)
+    cost = {start: blocks[header][1] - blocks[header][0]}
+    prev = {start: None}
     for j in range(header, latch + 1):
-        if j not in cost:
-            continue
-        for t in succ[j]:
-            if header < t <= latch and t > j:
-                c = cost[j] + blocks[t][1] - blocks[t][0]
-                if c < cost.get(t, inf):
-                    cost[t], prev[t] = c, j
-    if latch not in cost:
+        for flag in (False, True):
+            if (j, flag) not in cost:
+                continue
+            for t in succ[j]:
+                if header < t <= latch and t > j:
+                    state = (t, flag or t in marked)
+                    c = cost[(j, flag)] + blocks[t][1] - blocks[t][0]
+                    if c < cost.get(state, inf):
+                        cost[state], prev[state] = c, (j, flag)
+    end = (latch, True) if need else min(((latch, f) for f in (False, True) if (latch, f) in cost),
+                                         key=lambda st: cost[st], default=None)
+    if end is None or end not in cost:
         return None
-    path, j = [], latch
-    while j is not None:
-        path.append(j)
-        j = prev[j]
+    path, st = [], end
+    while st is not None:
+        path.append(st[0])
+        st = prev[st]
     counts = {"instr": 0, "mufu": 0, "fp32": 0, "mma": 0, "memory": 0, "local": 0, "other": 0}
     for j in path:
         for i in range(*blocks[j]):
@@ -329,12 +373,18 @@ def check_variant(v: Variant, arch: int = 90) -> list[dict]:
         if rec["regs"] is None:
             rec.update(ok=False, error="no ptxas report (registers / spills) in the compile log")
         if role in ("fwd", "bwd"):
-            path = interior_path(disassemble(ck.asm["cubin"]))
+            sass = disassemble(ck.asm["cubin"])
+            path = interior_path(sass)
+            per = rec["block_m"] * rec["block_n"] / (32 * rec["num_warps"])
             if path:
-                per = rec["block_m"] * rec["block_n"] / (32 * rec["num_warps"])
                 rec["per_element"] = {k: round(c / per, 3) for k, c in path.items() if k != "inner_loops"}
                 rec["inner_loops"] = path["inner_loops"]
-            rec["mma"] = sorted(set(re.findall(r"\b(HGMMA|HMMA)\.[A-Z0-9x.]+", disassemble(ck.asm["cubin"]))))[:2]
+            if role == "fwd" and v.stats:
+                # The tiles above the diagonal also count the histogram: report that path too.
+                hpath = interior_path(sass, through=HIST_OPS)
+                if hpath:
+                    rec["per_element_hist"] = {k: round(c / per, 3) for k, c in hpath.items() if k != "inner_loops"}
+            rec["mma"] = sorted(set(re.findall(r"\b(HGMMA|HMMA)\.[A-Z0-9x.]+", sass)))[:2]
         rows.append(rec)
     return rows
 
@@ -347,7 +397,7 @@ def problems(rows: list[dict]) -> list[str]:
             out.append(f"{where}: compile error: {r['error'][:300]}")
             continue
         spill = (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
-        if spill and r["default"] and r["D"] <= 128:
+        if spill:  # every launch the package makes, options included
             out.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
         if (r.get("shared") or 0) > SMEM_LIMIT:
             out.append(f"{where}: shared memory {r['shared']} B > {SMEM_LIMIT} B")
@@ -368,6 +418,8 @@ def markdown(rows: list[dict]) -> str:
             out.append(f"| {r['role']} | {r['variant']} | | | | | compile error | | | | | | |")
             continue
         pe = r.get("per_element") or {}
+        if r.get("per_element_hist"):  # stats: the histogram's path, "shortest / with histogram"
+            pe = {k: f"{v} / {r['per_element_hist'][k]}" for k, v in pe.items()}
         cfg = (f"{r['block_m']}x{r['block_n']} w{r['num_warps']} s{r['num_stages']} K{r['k_chunk']}"
                if r["block_m"] else "-")
         cells = [pe.get(k, "-") for k in ("instr", "mufu", "fp32", "mma", "memory", "other")]

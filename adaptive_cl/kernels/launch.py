@@ -104,10 +104,39 @@ def d_bucket(d: int):
     return "wide" if d > fwd.MAX_BLOCK_D else fwd.block_d(d)
 
 
-def lookup(d: int, dtype: torch.dtype, path: str, table: dict | None = None) -> LaunchConfig:
+#: The soft threshold's widest column tile. Its backward keeps, per element, a membership and
+#: its complement for two rows, and per column five factors (16 registers each in a 64-wide
+#: wgmma tile): with 128x64 tiles the bf16 D = 64 backward needs 255 registers and spills 256
+#: bytes per thread; with 128x32, 222 registers and no spill (compile_check, sm_90). Both
+#: passes of a call use the same configuration.
+SOFT_MAX_BLOCK_N = 32
+#: Soft-threshold entries where that rule still spilled (backward, labels and stats on, triton
+#: 3.9, sm_90: bf16 D 256 at 64x32 240 B, tf32 D 128 20 B, "ieee" D 128 148 B, "3xtf32" D 128 /
+#: 256 64 B, bf16 wide 156 B): the spill-free candidate with the fewest backward instructions
+#: per element (bf16 D 256: 93.6 at 32x32; tf32 D 128: 87.0 at 64x16; "ieee" D 128: 206;
+#: "3xtf32" D 128-320: 92.3; bf16 wide: 73.8).
+SOFT_TABLE: dict[tuple, LaunchConfig] = {
+    (256, "bfloat16", "native"): _C(32, 32, 4, 2),
+    (256, "float16", "native"): _C(32, 32, 4, 2),
+    ("wide", "bfloat16", "native"): _C(64, 16, 4, 2, None, 128),
+    ("wide", "float16", "native"): _C(64, 16, 4, 2, None, 128),
+    (128, "float32", "tf32"): _C(64, 16, 4, 2),
+    (128, "float32", "ieee"): _C(64, 16, 4, 1, 16),
+    (128, "float32", "3xtf32"): _C(64, 16, 4, 2, None, 64),
+    (256, "float32", "3xtf32"): _C(64, 16, 4, 2, 64, 64),
+    ("wide", "float32", "3xtf32"): _C(64, 16, 4, 2, 64, 64),
+}
+
+
+def lookup(d: int, dtype: torch.dtype, path: str, table: dict | None = None, *, soft: bool = False) -> LaunchConfig:
     """The configuration for rows of width ``d`` (the interpreter's small tiles under
-    TRITON_INTERPRET=1)."""
-    cfg = (TABLE if table is None else table)[(d_bucket(d), dtype_name(dtype), path)]
+    TRITON_INTERPRET=1); ``soft``: for the soft threshold (BLOCK_N at most SOFT_MAX_BLOCK_N)."""
+    key = (d_bucket(d), dtype_name(dtype), path)
+    cfg = (TABLE if table is None else table)[key]
+    if soft and table is None and key in SOFT_TABLE:
+        cfg = SOFT_TABLE[key]
+    elif soft and cfg.block_n > SOFT_MAX_BLOCK_N:
+        cfg = LaunchConfig(cfg.block_m, SOFT_MAX_BLOCK_N, cfg.num_warps, cfg.num_stages, cfg.k_chunk, cfg.d_chunk)
     if fwd.INTERPRET:
         m, n = INTERPRET_BLOCKS
         cfg = LaunchConfig(m, n, 4, 1, cfg.k_chunk if INTERPRET_K_CHUNK else None,

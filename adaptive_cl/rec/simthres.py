@@ -1,15 +1,17 @@
 """SimThres: the similarity threshold of AdaptiveRec, statistical or learned.
 
-``SimilarityStats`` gathers, per epoch, the cosine similarities c_ij over each row's candidate
-set N(i) (j != i, j != partner) of the 2B contrastive views, entirely on the device (no host
-sync per step), and gives the epoch's k_stat in two ways:
+``SimilarityStats`` gathers, per epoch, a histogram of the cosine similarities c_ij over each
+row's candidate set N(i) (j != i, j != partner) of the 2B contrastive views, entirely on the
+device (no host sync per step), from ``adaptive_cl.similarity_histogram``: counted inside the
+fused kernel on CUDA (nothing N x N is materialised or sorted), by the reference's dense
+similarities elsewhere. It gives the epoch's k_stat in two ways, both read by
+``adaptive_cl.histogram_percentile`` (``torch.quantile``'s linear interpolation, within one bin
+width of the exact percentile):
 
-- ``"pooled"`` (the loss's k_stat, the default): the percentile of all pooled c_ij, read from a
-  fixed-bin histogram on [-1, 1] (``bins=2048``, width ~1e-3; the answer is within one bin
-  width of the exact percentile, interpolated inside the bin);
-- ``"batch_mean"`` (the released AdaptiveRec code): the mean of the per-batch exact
-  percentiles (``kthvalue``, linear interpolation as ``torch.quantile``, which itself refuses
-  more than 2^24 values).
+- ``"pooled"`` (the loss's k_stat, the default): the percentile of all pooled c_ij, from the
+  epoch's histogram (``bins=2048`` on [-1, 1], width ~1e-3);
+- ``"batch_mean"`` (the released AdaptiveRec code): the mean of the per-batch percentiles, each
+  from its batch's histogram.
 
 Thresholds: ``StatisticalSimThres`` uses the previous epoch's k_stat (0 before the first
 epoch); ``LearnableSimThres`` wraps a network g (``ThresholdNet``, any batch size, or the
@@ -24,6 +26,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..contract import MAX_STATS_BINS
+from ..stats import histogram_percentile, similarity_histogram
 
 KSTAT_METHODS = ("pooled", "batch_mean")
 #: Thresholds are scaled to (-1.05, 1.05): slightly beyond the cosine range, so g can switch
@@ -84,10 +89,11 @@ class SimilarityStats:
 
     Args:
         q: the percentile as a fraction (0.9 = the paper's 90th percentile).
-        bins: histogram bins on [-1, 1] (the pooled percentile is within 2 / bins of exact).
+        bins: histogram bins on [-1, 1], a power of two <= 4096 (the percentiles are within
+            one bin width, 2 / bins, of exact).
         device: where the accumulators live (the training device).
-        batch_percentiles: also compute each batch's exact percentile (needed for
-            ``"batch_mean"``; one ``kthvalue`` over the batch's N(N-2) values per step).
+        batch_percentiles: also read each batch's percentile from its histogram (needed for
+            ``"batch_mean"``).
     """
 
     def __init__(
@@ -97,8 +103,9 @@ class SimilarityStats:
         device: torch.device | str = "cpu",
         batch_percentiles: bool = True,
     ) -> None:
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins > MAX_STATS_BINS \
+                or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two in [2, {MAX_STATS_BINS}], got {bins!r}")
         self.q = _check_q(q)
         self.bins = bins
         self.device = torch.device(device)
@@ -114,11 +121,10 @@ class SimilarityStats:
     @torch.no_grad()
     def update(self, z: torch.Tensor, z_aug: torch.Tensor) -> None:
         """Add one batch's candidate similarities (the two views of the contrastive loss)."""
-        c = candidate_similarities(z.detach(), z_aug.detach()).reshape(-1)
-        index = ((c + 1.0) * (self.bins / 2.0)).long().clamp_(0, self.bins - 1)
-        self.counts.scatter_add_(0, index, torch.ones_like(index))
+        counts = similarity_histogram(z.detach(), z_aug.detach(), bins=self.bins).to(self.device)
+        self.counts += counts
         if self.batch_percentiles:
-            self.batch_sum += exact_percentile(c, self.q).double()
+            self.batch_sum += histogram_percentile(counts, self.q)
         self.num_batches += 1
 
     def percentile(self, method: str = "pooled") -> float:
@@ -131,16 +137,7 @@ class SimilarityStats:
             if not self.batch_percentiles:
                 raise ValueError("batch_mean needs SimilarityStats(batch_percentiles=True)")
             return float(self.batch_sum) / self.num_batches
-        counts = self.counts.double().cpu()
-        total = float(counts.sum())
-        rank = self.q * (total - 1)  # 0-based position in the sorted values
-        cum = counts.cumsum(0)
-        b = int(torch.searchsorted(cum, torch.tensor(rank, dtype=torch.float64), right=True))
-        b = min(b, self.bins - 1)
-        before = float(cum[b] - counts[b])
-        inside = min(max((rank - before + 0.5) / max(float(counts[b]), 1.0), 0.0), 1.0)
-        width = 2.0 / self.bins
-        return -1.0 + (b + inside) * width
+        return float(histogram_percentile(self.counts, self.q))
 
     def histogram(self, bins: int = 64) -> list[int]:
         """The epoch's counts coarsened to ``bins`` equal bins on [-1, 1] (for plots)."""

@@ -58,6 +58,7 @@ from .objectives import (
 )
 from .rcl import NGRAMS, RCLObjective, weak_positives
 from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
+from ..contract import MAX_STATS_BINS
 from .simthres import (
     KSTAT_METHODS,
     FlattenedThresholdNet,
@@ -262,6 +263,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.simthres == "learnable-flat" and not self.drop_last:
             raise ValueError("simthres='learnable-flat' has a fixed batch size: set drop_last=True")
+        if self.kstat_bins & (self.kstat_bins - 1) or self.kstat_bins > MAX_STATS_BINS:
+            raise ValueError(f"kstat_bins must be a power of two <= {MAX_STATS_BINS} (the loss's "
+                             f"in-kernel histogram), got {self.kstat_bins}")
         if self.record_histograms and self.kstat_bins % HISTOGRAM_BINS:
             raise ValueError(f"kstat_bins must be a multiple of {HISTOGRAM_BINS} to record "
                              f"histograms, got {self.kstat_bins}")

@@ -79,11 +79,14 @@ def covers_all_pairs(cases, factors, allowed=lambda case: True) -> list:
     return missing
 
 
-def make_views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous", device="cpu"):
-    """(z, z_aug) in ``dtype`` with correlated views; "noncontig" returns strided views."""
+def make_views(batch, dim, dtype, *, seed, normalize=True, layout="contiguous", device="cpu", noise=0.7):
+    """(z, z_aug) in ``dtype`` with correlated views (z_aug = z + noise * N(0, 1)); "noncontig"
+    returns strided views. A larger ``noise`` keeps the partner from dominating at small tau
+    (there, with a dominant partner, a row's gradient is a difference of nearly equal terms that
+    no float32 evaluation gets to a small relative error)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, dim, generator=g, dtype=torch.float64)
-    za = z + 0.7 * torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    za = z + noise * torch.randn(batch, dim, generator=g, dtype=torch.float64)
     if not normalize:  # keep raw dot products O(1) so logits stay in a sane range
         z, za = z / dim ** 0.5, za / dim ** 0.5
     z, za = z.to(device=device, dtype=dtype), za.to(device=device, dtype=dtype)

@@ -187,6 +187,24 @@ def test_table_covers_every_bucket_and_path():
                 assert cfg.k_chunk is None or cfg.k_chunk >= 16
 
 
+def test_soft_threshold_configurations():
+    """The soft threshold's tiles: at most SOFT_MAX_BLOCK_N columns, or a SOFT_TABLE entry (chosen
+    where that rule still spilled); every key of SOFT_TABLE is a key of TABLE; the hard
+    threshold's table is untouched."""
+    for key in launch.SOFT_TABLE:
+        assert key in launch.TABLE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fwd, "INTERPRET", False)  # the GPU's configurations, not the interpreter's
+        for bucket, d in ((16, 16), (64, 64), (128, 100), (256, 256), ("wide", 320)):
+            for dt, path in (("bfloat16", "native"), ("float32", "ieee"), ("float32", "3xtf32"), ("float32", "tf32")):
+                dtype = getattr(torch, dt)
+                hard = launch.lookup(d, dtype, path)
+                soft = launch.lookup(d, dtype, path, soft=True)
+                assert hard == launch.TABLE[(bucket, dt, path)]
+                assert soft == launch.SOFT_TABLE.get((bucket, dt, path), soft)
+                assert soft.block_n <= launch.SOFT_MAX_BLOCK_N
+
+
 def _recorded(n_rows, d, dtype=torch.float32, **opts):
     launches = []
     saved = kfunc.LAUNCHER

@@ -13,6 +13,10 @@ runs from N = 6 to N = 65536 (where the dense float64 N x N matrix would be 34 G
 - NaN / inf inputs (NaN loss and gradients), rows of magnitude 1e30, the float16 gradient
   scale at N = 65536, large N (N^2 > 2^31), determinism and peak memory.
 
+Labels, the soft threshold (dL/dk included) and return_stats (issue 15) are checked against the
+dense float64 reference (autograd through adaptive_cl.reference) at N <= 16384, since the
+chunked reference implements the hard threshold only.
+
 Two sizes: by default a quick subset (the first 6 cases of the covering design, which cover
 the most pairs, and one N = 65536 case: about a minute and a half on an H100 from a cold
 Triton cache, to fit benchmarks/gpu_check.py's test budget); ``ADAPTIVE_CL_CUDA_FULL=1`` runs
@@ -353,5 +357,228 @@ def test_auto_picks_triton_on_cuda():
     z, za = views(8, 16, torch.float32, seed=3)
     p = prepare(z, za, 0.5, None, make_options())
     assert backends.resolve("auto", p) is adaptive_info_nce_triton
+    # every option goes to the kernel on CUDA (issue 15)
     p = prepare(z, za, 0.5, None, make_options(threshold="soft"))
-    assert backends.resolve("auto", p) is not adaptive_info_nce_triton
+    assert backends.resolve("auto", p) is adaptive_info_nce_triton
+    p = prepare(z, za, None, torch.arange(8, device="cuda") % 3, make_options())
+    assert backends.resolve("auto", p) is adaptive_info_nce_triton
+
+
+# ------------------------------------------------- labels, the soft threshold, return_stats
+def make_labels(kind, batch, seed):
+    """(B,) or (N,) integer labels with repeats (about 3 rows per label), on the GPU."""
+    if kind == "none":
+        return None
+    n = batch if kind == "B" else 2 * batch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    lab = torch.randint(0, max(2, n // 3), (n,), generator=g, device="cuda")
+    return lab if kind == "B" else lab * 1_000_003 - 7  # large and negative ids too
+
+
+def soft_sums(z, za, k_rows, beta, normalize, labels):
+    """m_i = sum_j sigmoid((c_ij - k_i)/beta) over N(i), label pairs 1, float64 on the GPU."""
+    s = torch.cat([z, za]).double()
+    if normalize:
+        s = F.normalize(s, dim=1)
+    c = s @ s.T
+    n = c.shape[0]
+    idx = torch.arange(n, device=c.device)
+    a = torch.sigmoid((c - k_rows.double()[:, None]) / beta)
+    if labels is not None:
+        lab = labels if labels.numel() == n else torch.cat([labels, labels])
+        a = torch.where(lab[:, None] == lab[None, :], torch.ones_like(a), a)
+    a[idx, idx] = 0.0
+    a[idx, (idx + n // 2) % n] = 0.0
+    return a.sum(dim=1)
+
+
+def pick_soft_k(z, za, kind, beta, normalize, labels, margin=1e-3):
+    """A soft threshold ("scalar", "0d", "B", "N") keeping every m_i at least ``margin`` from 1
+    (the kink of max(m_i, 1)): the hard choice (pick_k), moved up by beta/2 until no row of its
+    group is near the kink."""
+    n = 2 * z.shape[0]
+    b = n // 2
+    k0, _ = pick_k(z, za, "N" if kind in ("B", "N") else "scalar", normalize)
+    k = torch.as_tensor(k0, dtype=torch.float64, device="cuda").expand(n).clone()
+    if kind == "B":
+        k = torch.cat([k[:b], k[:b]])
+    for _ in range(60):
+        m = soft_sums(z, za, k, beta, normalize, labels)
+        bad = (m - 1).abs() < margin
+        if kind == "B":
+            bad = bad[:b] | bad[b:]
+            bad = torch.cat([bad, bad])
+        elif kind in ("scalar", "0d"):
+            bad = bad.any().expand(n)
+        if not bool(bad.any()):
+            break
+        k = torch.where(bad, k + beta / 2, k)
+    else:
+        raise AssertionError("no soft threshold keeps m_i away from 1")
+    if kind == "scalar":
+        return float(k[0])
+    if kind == "0d":
+        return k[0].float()
+    return k[:b].float() if kind == "B" else k.float()
+
+
+def check_dense(z, za, k, labels, opts, tol, *, upstream=None):
+    """The kernel against the dense float64 reference (autograd through adaptive_cl.reference),
+    N <= ~16k: loss, row losses, dz, dz_aug and dk (soft), each by the bounds of ``check``."""
+    n = 2 * z.shape[0]
+    if upstream is None and opts.get("reduction") == "none":
+        upstream = torch.randn(n, generator=torch.Generator(device="cuda").manual_seed(n), device="cuda")
+    outs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for backend, dt in (("triton", z.dtype), ("reference", torch.float64)):
+            zt = z.detach().to(dt).requires_grad_()
+            zat = za.detach().to(dt).requires_grad_()
+            kt = (k.detach().to(torch.float64 if dt == torch.float64 else torch.float32).clone().requires_grad_()
+                  if isinstance(k, torch.Tensor) else k)
+            loss = adaptive_info_nce(zt, zat, kt, labels=labels, backend=backend, **opts)
+            rows = adaptive_info_nce(zt.detach(), zat.detach(), kt.detach() if isinstance(kt, torch.Tensor) else kt,
+                                     labels=labels, backend=backend, **dict(opts, reduction="none"))
+            loss.backward(upstream)
+            outs[backend] = (loss.detach(), rows.detach(), torch.cat([zt.grad, zat.grad]).double(),
+                             kt.grad if isinstance(kt, torch.Tensor) else None)
+        torch.cuda.synchronize()
+    (loss, rows, got, dk), (ref, ref_rows, want, rdk) = outs["triton"], outs["reference"]
+    s = torch.cat([z, za]).double()
+    logit = (1.0 if opts.get("normalize", True) else float(s.norm(dim=1).max() ** 2)) / opts.get("temperature", 1.0)
+    err_rows = (rows.double() - ref_rows).abs()
+    assert bool((err_rows <= tol * (ref_rows.abs() + logit)).all()), \
+        f"row loss error / (|l_ref| + L) = {float((err_rows / (ref_rows.abs() + logit)).max()):.2e} > {tol:g}"
+    red = opts.get("reduction", "mean")
+    if red != "none":
+        rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-30)
+        bound = tol * (1.0 + float(ref_rows.abs().sum() + n * logit) / max(abs(float(ref)), 1e-30)
+                       / (n if red == "mean" else 1))
+        assert rel <= bound, f"reduced loss: relative error {rel:.2e}"
+    if opts.get("normalize", True) and z.shape[1] == 1:
+        u = 1.0 if upstream is None else float(upstream.abs().max())
+        floor = u * logit * n ** 0.5 / float(s.norm(dim=1).min()) / (n if red == "mean" else 1)
+        assert float((got - want).norm()) <= tol * (float(want.norm()) + floor)
+    else:
+        ratio = float((got - want).norm()) / float(want.norm())
+        assert ratio <= tol, f"gradient norm ratio {ratio:.2e} > {tol:g}"
+    assert torch.isfinite(got).all()
+    if isinstance(k, torch.Tensor):
+        if opts.get("threshold", "hard") == "soft":
+            ratio = float((dk.double() - rdk).norm()) / max(float(rdk.norm()), 1e-30)
+            assert ratio <= tol, f"dL/dk norm ratio {ratio:.2e} > {tol:g}"
+        else:
+            assert not dk.any()
+
+
+OPTION_FACTORS = {
+    "precision": list(PRECISIONS),
+    "shape": [(3, 1), (257, 64), (500, 130), (300, 300), (2048, 64)],
+    "threshold": ["hard", "soft"],
+    "k": ["none", "scalar", "0d", "B", "N"],
+    "labels": ["none", "B", "N"],
+    "denominator": ["negatives", "all"],
+    "weighting": ["normalized", "unit"],
+    "tau": [1.0, 0.1, 0.02],
+    "beta": [0.05, 0.3],
+    "normalize": [True, False],
+    "reduction": ["mean", "sum", "none"],
+}
+
+
+def _options_allowed(case):
+    return not (case["threshold"] == "soft" and case["k"] == "none")
+
+
+OPTION_GRID = pairwise_cases(OPTION_FACTORS, _options_allowed, seed=4)
+
+
+def _oid(case):
+    b, d = case["shape"]
+    return (f"{case['precision']}-B{b}D{d}-{case['threshold']}-k{case['k']}-lab{case['labels']}-"
+            f"{case['denominator'][:3]}-{case['weighting'][:4]}-t{case['tau']}-b{case['beta']}-"
+            f"{'nrm' if case['normalize'] else 'dot'}-{case['reduction']}")
+
+
+@pytest.mark.parametrize("case", _subset(OPTION_GRID, 3), ids=_oid)
+def test_labels_and_soft_grid(case, monkeypatch):
+    """Labels and the soft threshold (dL/dk included) with every other option, on the GPU, in
+    each precision, against the dense float64 reference (N <= 4096)."""
+    dtype, tol = set_precision(monkeypatch, case["precision"])
+    b, d = case["shape"]
+    seed = 11 * b + d
+    z, za = views(b, d, dtype, seed=seed, normalize=case["normalize"], tau=case["tau"])
+    labels = make_labels(case["labels"], b, seed)
+    if case["threshold"] == "soft":
+        k = pick_soft_k(z, za, case["k"], case["beta"], case["normalize"], labels)
+    else:
+        k, margin = pick_k(z, za, case["k"], case["normalize"])
+        assert margin > 1e-4
+    opts = dict(temperature=case["tau"], normalize=case["normalize"], denominator=case["denominator"],
+                weighting=case["weighting"], positive_weight=0.5, reduction=case["reduction"],
+                threshold=case["threshold"], threshold_scale=case["beta"])
+    check_dense(z, za, k, labels, opts, tol)
+
+
+def _hist_modes():
+    """The installed triton's default way of counting first (the quick subset runs only it)."""
+    from adaptive_cl.kernels.function import HIST_MODE
+
+    return [HIST_MODE] + [m for m in ("atomic", "shared") if m != HIST_MODE]
+
+
+@pytest.mark.parametrize("mode", _subset(_hist_modes(), 1))
+def test_stats_on_the_gpu(mode, monkeypatch):
+    """return_stats on hardware, both ways of counting (global atomics; tl.histogram): m_i and
+    the histogram against the dense reference (counts equal but for similarities within
+    rounding of a bin edge), and the percentile within one bin of kthvalue's."""
+    monkeypatch.setenv("ADAPTIVE_CL_HIST", mode)
+    dtype, _ = set_precision(monkeypatch, "bf16")
+    z, za = views(1500, 64, dtype, seed=21)
+    labels = make_labels("B", 1500, 3)
+    k = pick_soft_k(z, za, "B", 0.1, True, labels)
+    _, st = adaptive_info_nce(z, za, k, labels=labels, threshold="soft", threshold_scale=0.1, backend="triton",
+                              return_stats=True)
+    _, ref = adaptive_info_nce(z.double(), za.double(), k.double(), labels=labels, threshold="soft",
+                               threshold_scale=0.1, backend="reference", return_stats=True)
+    n = 3000
+    assert int(st.histogram.sum()) == n * (n - 2)
+    assert float((st.m.double() - ref.m).norm() / ref.m.norm()) <= 1e-5
+    s = F.normalize(torch.cat([z, za]).double(), dim=1)
+    c = s @ s.T
+    idx = torch.arange(n, device="cuda")
+    keep = torch.ones(n, n, dtype=torch.bool, device="cuda")
+    keep[idx, idx] = False
+    keep[idx, (idx + n // 2) % n] = False
+    vals = c[keep]
+    pos = (vals + 1) * 1024
+    slack = int(((pos - pos.round()).abs() < 1e-5 * 2048).sum())  # bf16 products: c within ~1e-5
+    assert int((st.histogram - ref.histogram).abs().sum()) <= 2 * slack
+    from adaptive_cl import histogram_percentile
+
+    exact = float(vals.kthvalue(int(0.9 * (vals.numel() - 1)) + 1).values)
+    assert abs(float(histogram_percentile(st.histogram, 0.9)) - exact) <= 2.0 / 2048
+
+
+def test_deterministic_bitwise_every_option():
+    z, za = views(2048, 64, torch.bfloat16, seed=9)
+    labels = make_labels("N", 2048, 1)
+    k = pick_soft_k(z, za, "N", 0.05, True, labels)
+    outs = []
+    for _ in range(2):
+        zt, zat, kt = z.detach().requires_grad_(), za.detach().requires_grad_(), k.clone().requires_grad_()
+        loss, st = adaptive_info_nce(zt, zat, kt, labels=labels, threshold="soft", temperature=0.1,
+                                     backend="triton", return_stats=True)
+        loss.backward()
+        outs.append((loss.detach(), zt.grad, zat.grad, kt.grad, st.m, st.histogram))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+@pytest.mark.parametrize("precision", _subset(["bf16", "fp32-tf32"], 0))
+def test_soft_labels_at_n_16384(precision, monkeypatch):
+    """N = 16384 (the dense float64 reference needs ~20 GB here): soft threshold, (N,) labels."""
+    dtype, tol = set_precision(monkeypatch, precision)
+    z, za = views(8192, 64, dtype, seed=17, tau=0.1)
+    labels = make_labels("N", 8192, 5)
+    k = pick_soft_k(z, za, "B", 0.05, True, labels)
+    check_dense(z, za, k, labels, dict(temperature=0.1, threshold="soft", threshold_scale=0.05), tol)

@@ -215,10 +215,25 @@ def _prepared(dtype=torch.float32, k=0.3, labels=None, **opts):
 def test_unsupported_reasons():
     assert unsupported_reason(_prepared()) is None or DEVICE == "cpu" and not fwd.INTERPRET
     assert "float64" in unsupported_reason(_prepared(torch.float64))
-    assert "labels" in unsupported_reason(_prepared(labels=torch.arange(5)))
-    assert "threshold='soft'" in unsupported_reason(_prepared(threshold="soft"))
     if fwd.INTERPRET:
         assert "bfloat16" in unsupported_reason(_prepared(torch.bfloat16))
+    # Every loss option is fused (issue 15): labels and the soft threshold are not refused.
+    for p in (_prepared(labels=torch.arange(5)), _prepared(threshold="soft"),
+              _prepared(labels=torch.arange(10), threshold="soft", denominator="all")):
+        assert unsupported_reason(p) is None or DEVICE == "cpu" and not fwd.INTERPRET
+
+
+def test_labels_beyond_float32_ids_are_refused(monkeypatch):
+    """Label ids are compared as float32 in the kernels: more rows than 2^24 take the reference
+    (checked on metadata, here with the limit lowered)."""
+    from adaptive_cl.kernels import function as kfunc
+    import adaptive_cl.kernels as kernels
+
+    monkeypatch.setattr(kernels, "MAX_LABEL_ROWS", 8)
+    assert kfunc.MAX_LABEL_ROWS == 2**24
+    reason = unsupported_reason(_prepared(labels=torch.arange(5)))
+    assert reason is not None and "labels with N = 10 > 8 rows" in reason
+    assert unsupported_reason(_prepared()) is None or DEVICE == "cpu" and not fwd.INTERPRET
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
@@ -229,14 +244,8 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
         backends.resolve("triton", _prepared())
 
 
-@pytest.mark.parametrize("what", ["float64", "labels", "soft"])
-def test_explicit_triton_errors_and_auto_falls_back(what):
-    if what == "float64":
-        p = _prepared(torch.float64)
-    elif what == "labels":
-        p = _prepared(labels=torch.arange(5))
-    else:
-        p = _prepared(threshold="soft")
+def test_explicit_triton_errors_and_auto_falls_back():
+    p = _prepared(torch.float64)
     with pytest.raises(ValueError, match="backend='triton' is not available: "):
         backends.resolve("triton", p)
     # auto's fallback: the C++ extension for CPU tensors when it is built, else the reference
@@ -244,9 +253,23 @@ def test_explicit_triton_errors_and_auto_falls_back(what):
 
     on_cpu = not p.z.is_cuda and cpu.load_error() is None
     assert backends.resolve("auto", p) is (cpu.adaptive_info_nce_cpu if on_cpu else adaptive_info_nce_reference)
-    z, za = p.z, p.z_aug
     with pytest.raises(ValueError, match="not available"):
-        adaptive_info_nce(z, za, 0.3, labels=p.labels_rows, threshold=p.options.threshold, backend="triton")
+        adaptive_info_nce(p.z, p.z_aug, 0.3, backend="triton")
+
+
+def test_auto_sends_every_option_to_the_kernel_on_cuda():
+    """On CUDA tensors "auto" takes the fused kernel for labels and the soft threshold too; on
+    CPU tensors the C++ extension or the reference (the interpreter is for tests, not speed)."""
+    from adaptive_cl.kernels import adaptive_info_nce_triton
+
+    from adaptive_cl import cpu
+
+    for p in (_prepared(labels=torch.arange(5)), _prepared(threshold="soft")):
+        if p.z.is_cuda:
+            want = adaptive_info_nce_triton
+        else:
+            want = cpu.adaptive_info_nce_cpu if cpu.load_error() is None else adaptive_info_nce_reference
+        assert backends.resolve("auto", p) is want
 
 
 def test_triton_backend_resolves_when_supported():
