@@ -222,7 +222,10 @@ def _stats_from(p: Prepared, c: torch.Tensor, a: torch.Tensor | None, candidates
 
     spec = p.stats
     finite = torch.isfinite(p.z).all() & torch.isfinite(p.z_aug).all()
-    counts = torch.bincount(bin_indices(c.detach()[candidates], spec), minlength=spec.bins)
+    # scatter_add over every pair, candidates weighted 1: a fixed-size result (a boolean-mask
+    # index or bincount would make the host wait for a CUDA device)
+    counts = torch.zeros(spec.bins, dtype=torch.int64, device=c.device).scatter_add_(
+        0, bin_indices(c.detach(), spec).reshape(-1), candidates.reshape(-1).to(torch.int64))
     counts = torch.where(finite, counts, torch.zeros_like(counts))
     m = None
     if a is not None:

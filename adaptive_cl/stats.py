@@ -71,11 +71,12 @@ def bin_indices(c: torch.Tensor, spec: StatsSpec) -> torch.Tensor:
 def _order_statistic(counts: torch.Tensor, cum: torch.Tensor, rank: torch.Tensor, lo: float, width: float):
     """Estimate of the value of 0-based rank ``rank``: its bin, and inside the bin linearly by
     rank (the bin's k values assumed at (i + 0.5) / k of its width), clamped to [1/4, 3/4]."""
-    b = torch.searchsorted(cum, rank.reshape(1), right=True).clamp(max=counts.numel() - 1)[0]
-    inside = counts[b]
-    before = cum[b] - inside
+    # index_select, not counts[b]: indexing with a 0-d tensor reads it on the host (a sync)
+    b = torch.searchsorted(cum, rank.reshape(1), right=True).clamp(max=counts.numel() - 1)
+    inside = counts.index_select(0, b)[0]
+    before = cum.index_select(0, b)[0] - inside
     frac = ((rank - before + 0.5) / inside.clamp(min=1)).clamp(0.25, 0.75)
-    return lo + (b + frac) * width
+    return lo + (b[0] + frac) * width
 
 
 def histogram_percentile(counts: torch.Tensor, q: float, range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
