@@ -156,3 +156,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = ref.norm()
     num = (out - ref).norm()
     return float(num / den) if den > 0 else float(num)
+
+
+def case_id(case: dict) -> str:
+    """A test id from a case of ``pairwise_cases``: each factor's value in order, shapes as
+    B<b>D<d>, dtypes by name, booleans as the factor's name or ``no-`` it."""
+    parts = []
+    for name, value in case.items():
+        if name == "shape":
+            parts.append("B{}D{}".format(*value))
+        elif isinstance(value, torch.dtype):
+            parts.append(str(value).split(".")[-1])
+        elif isinstance(value, bool):
+            parts.append(name if value else f"no-{name}")
+        else:
+            parts.append(f"{name}={value}")
+    return "-".join(parts)

@@ -25,7 +25,7 @@ from adaptive_cl.kernels import adaptive_info_nce_fwd as fwd  # noqa: E402
 from adaptive_cl.kernels import function as kfunc  # noqa: E402
 
 from helpers import SOFT_KINK_MARGIN, soft_membership_sums  # noqa: E402
-from ._cases import covers_all_pairs, make_views, pairwise_cases, pick_k, rel_err, similarity64  # noqa: E402
+from ._cases import case_id, covers_all_pairs, make_views, pairwise_cases, pick_k, rel_err, similarity64  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,14 +57,6 @@ def _allowed(case):
 
 CASES = pairwise_cases(FACTORS, _allowed, seed=3)
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 5e-3)}
-
-
-def _case_id(case):
-    b, d = case["shape"]
-    return (f"B{b}D{d}-{str(case['dtype']).split('.')[-1]}-{case['threshold']}-k{case['k']}-lab{case['labels']}-"
-            f"{case['denominator'][:3]}-{case['weighting'][:4]}-a{case['alpha']}-t{case['tau']}-b{case['beta']}-"
-            f"{'nrm' if case['normalize'] else 'dot'}-{case['reduction']}-{case['layout'][:4]}"
-            f"{'-dchunk' if case['dchunk'] else ''}")
 
 
 def test_design_covers_every_pair():
@@ -167,7 +159,7 @@ def check(z, za, k, labels, opts, upstream, tol_loss, tol_grad):
                 (float((dk.double() - rdk).norm()), float(rdk.norm()))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, monkeypatch):
     if case["dchunk"]:
         monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)

@@ -53,7 +53,7 @@ pytestmark = pytest.mark.cuda
 from adaptive_cl import adaptive_info_nce  # noqa: E402
 from adaptive_cl.testing import chunked_loss_and_grads  # noqa: E402
 
-from ._cases import pairwise_cases  # noqa: E402
+from ._cases import case_id, pairwise_cases  # noqa: E402
 
 # name: (dtype, torch float32 matmul precision, ADAPTIVE_CL_FP32_HIGHEST, tolerance)
 PRECISIONS = {
@@ -238,14 +238,7 @@ def _subset(items, quick_count):
     return list(items) if FULL else list(items)[:quick_count]
 
 
-def _gid(case):
-    b, d = case["shape"]
-    return (f"{case['precision']}-B{b}D{d}-k{case['k']}-{case['denominator'][:3]}-{case['weighting'][:4]}-"
-            f"a{case['alpha']}-t{case['tau']}-{'nrm' if case['normalize'] else 'dot'}-{case['reduction']}-"
-            f"{case['layout'][:4]}")
-
-
-@pytest.mark.parametrize("case", _subset(GRID, 6), ids=_gid)
+@pytest.mark.parametrize("case", _subset(GRID, 6), ids=case_id)
 def test_option_grid(case, monkeypatch):
     dtype, tol = set_precision(monkeypatch, case["precision"])
     b, d = case["shape"]
@@ -493,14 +486,7 @@ def _options_allowed(case):
 OPTION_GRID = pairwise_cases(OPTION_FACTORS, _options_allowed, seed=4)
 
 
-def _oid(case):
-    b, d = case["shape"]
-    return (f"{case['precision']}-B{b}D{d}-{case['threshold']}-k{case['k']}-lab{case['labels']}-"
-            f"{case['denominator'][:3]}-{case['weighting'][:4]}-t{case['tau']}-b{case['beta']}-"
-            f"{'nrm' if case['normalize'] else 'dot'}-{case['reduction']}")
-
-
-@pytest.mark.parametrize("case", _subset(OPTION_GRID, 3), ids=_oid)
+@pytest.mark.parametrize("case", _subset(OPTION_GRID, 3), ids=case_id)
 def test_labels_and_soft_grid(case, monkeypatch):
     """Labels and the soft threshold (dL/dk included) with every other option, on the GPU, in
     each precision, against the dense float64 reference (N <= 4096)."""

@@ -23,7 +23,7 @@ from adaptive_cl.kernels import launch as klaunch  # noqa: E402
 from adaptive_cl.kernels import unsupported_reason  # noqa: E402
 from adaptive_cl.reference import adaptive_info_nce_reference  # noqa: E402
 
-from ._cases import covers_all_pairs, make_views, pairwise_cases, pick_k, rel_err, similarity64  # noqa: E402
+from ._cases import case_id, covers_all_pairs, make_views, pairwise_cases, pick_k, rel_err, similarity64  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,13 +54,6 @@ CASES = pairwise_cases(FACTORS, _allowed, seed=1)
 # Tolerances against float64 (norm ratios). float32: the interpreter's dots are float32 numpy
 # products; float16: the backward casts G and z^_J to float16 for the second dot.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-4, 5e-3)}
-
-
-def _case_id(case):
-    b, d = case["shape"]
-    return (f"B{b}D{d}-{str(case['dtype']).split('.')[-1]}-k{case['k']}-{case['denominator'][:3]}-"
-            f"{case['weighting'][:4]}-a{case['alpha']}-t{case['tau']}-{'nrm' if case['normalize'] else 'dot'}-"
-            f"{case['reduction']}-{case['layout'][:4]}{'-dchunk' if case['dchunk'] else ''}")
 
 
 def test_design_covers_every_pair():
@@ -118,7 +111,7 @@ def check_against_reference(z, za, k, opts, dtype, upstream, tol_loss, tol_grad)
     assert torch.isfinite(dz).all() and torch.isfinite(dza).all()
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference(case, monkeypatch):
     if case["dchunk"]:
         monkeypatch.setattr(fwd, "MAX_BLOCK_D", 16)
