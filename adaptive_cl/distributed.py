@@ -184,11 +184,13 @@ class TritonRows:
     def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
         from .kernels import function as f
 
-        # a row's backward re-evaluates every other row's decisions: all thresholds are needed
-        k_all = None if k_own is None or k_scalar is not None else shard.gather_rows(k_own.detach())
+        # A row's backward re-evaluates every other row's decisions: all thresholds are needed,
+        # gathered even when k is a float (each rank's float is its own rows' threshold; ranks
+        # may differ, and a float on one rank may meet a tensor on another).
+        k_all = None if k_own is None else shard.gather_rows(k_own.detach())
         b, off, r = shard.batch, shard.offset, shard.local
         with f._on_device(z_all):
-            pr = f.prepare_rows(z_all, z_aug_all, k_all, k_scalar, options, labels_rows=labels_all)
+            pr = f.prepare_rows(z_all, z_aug_all, k_all, None, options, labels_rows=labels_all)
             parts = [f.forward_rows(pr, options, off, off + r), f.forward_rows(pr, options, b + off, b + off + r)]
         losses, *stats = (torch.cat([a, c]) for a, c in zip(*parts))
         return losses, (pr, torch.stack(stats, dim=1), k_own, k_scalar, options)

@@ -34,6 +34,7 @@ CASES = [
     dict(k=None, labels="B", reduction="none", positive_weight=1.0),
     dict(k="B", threshold="soft", temperature=2.0, denominator="all", reduction="none"),
     dict(k="0d", threshold="soft", labels="N", reduction="mean"),
+    dict(k="rank_scalar", threshold="soft", threshold_scale=0.1, reduction="none"),
 ]
 
 
@@ -49,6 +50,11 @@ TRITON_CASES = [
     dict(k="B", labels="B", temperature=0.5, reduction="none"),
     dict(k="N", labels="N", threshold="soft", threshold_scale=0.1, weighting="unit", positive_weight=0.4),
     dict(k="0d", threshold="soft", labels="N", denominator="all"),
+    # a different float on each rank (each rank's k is its own rows'): a row's backward
+    # re-evaluates every column's decision, so it needs the other ranks' floats too
+    dict(k="rank_scalar"),
+    dict(k="rank_scalar", threshold="soft", threshold_scale=0.1, reduction="sum", labels="B"),
+    dict(k="scalar", threshold="soft", weighting="unit", positive_weight=0.3),
 ]
 TRITON_TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -70,15 +76,20 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
     b = sum(sizes)
     z, z_aug = views(b, 5, seed=seed, dtype=dtype)
     normalize = case.get("normalize", True)
-    k = None
-    if k_kind is not None:
-        k, _ = safe_threshold(z, z_aug, k_kind, normalize=normalize, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     labels = None
     if label_kind is not None:
         labels = torch.randint(0, 3, (b if label_kind == "B" else 2 * b,), generator=g)
+    k = None
+    if k_kind == "rank_scalar":  # rank q passes the float rank_k[q] for its rows
+        soft_scale = case.get("threshold_scale", 0.05) if case.get("threshold") == "soft" else None
+        rank_k = [safe_threshold(z, z_aug, "scalar", normalize=normalize, seed=seed + 1 + q,
+                                 soft_scale=soft_scale, labels=labels)[0] for q in range(len(sizes))]
+        k = torch.tensor([v for v, size in zip(rank_k, sizes) for _ in range(size)], dtype=dtype)
+    elif k_kind is not None:
+        k, _ = safe_threshold(z, z_aug, k_kind, normalize=normalize, seed=seed + 1)
     upstream = (torch.rand(2 * b, generator=g, dtype=torch.float64) + 0.5).to(_loss_dtype(dtype))
-    soft_k = isinstance(k, torch.Tensor) and case.get("threshold") == "soft"
+    soft_k = isinstance(k, torch.Tensor) and case.get("threshold") == "soft" and k_kind != "rank_scalar"
 
     # single process, whole batch
     zg, zag = z.clone().requires_grad_(True), z_aug.clone().requires_grad_(True)
@@ -94,7 +105,9 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
     zl = _own(z, sizes, rank).clone().requires_grad_(True)
     zal = _own(z_aug, sizes, rank).clone().requires_grad_(True)
     kl = k
-    if isinstance(k, torch.Tensor) and k.dim() == 1:
+    if k_kind == "rank_scalar":
+        kl = rank_k[rank]
+    elif isinstance(k, torch.Tensor) and k.dim() == 1:
         kl = _own(k, sizes, rank)
     if soft_k:
         kl = kl.clone().requires_grad_(True)
