@@ -24,7 +24,9 @@ def apply_loss(
     it computes them in its own pass (``fused_stats``), else from the reference's dense
     similarities, so that every backend returns the same thing. Under torch.compile the loss
     runs inside the registered custom op (adaptive_cl/ops.py), so the compiled graph has no
-    break; statistics asked for there are computed densely outside the graph."""
+    break; statistics asked for there are traced into the graph from the dense similarities
+    (N x N memory on every backend, the fused kernel's included; still no break, so
+    ``fullgraph=True`` holds)."""
     p = prepare(z, z_aug, k, labels, options, stats)
     if ops.AVAILABLE and torch.compiler.is_compiling():
         loss = ops.info_nce(dataclasses.replace(p, stats=None), backend)
@@ -35,7 +37,6 @@ def apply_loss(
     return fn(dataclasses.replace(p, stats=None)), _dense_stats(p)
 
 
-@torch.compiler.disable
 def _dense_stats(p):
     from .reference import similarity_stats
 
@@ -93,8 +94,8 @@ def adaptive_info_nce(
         return_stats: also return the call's statistics (:class:`adaptive_cl.stats.LossStats`):
             per-row m_i and a histogram of the candidate similarities c_ij, the input of
             SimThres' percentile (:func:`adaptive_cl.stats.histogram_percentile`), counted in
-            the Triton kernel's forward pass (nothing N x N stored; other backends count them
-            from the dense similarities).
+            the Triton kernel's forward pass (nothing N x N stored; other backends, and every
+            backend under torch.compile, count them from the dense similarities).
         stats_bins: the histogram's bins, a power of two <= 4096 (default 2048: width ~1e-3).
         stats_range: (lo, hi) of the equal bins (default the cosine's (-1, 1)); values
             outside go to the edge bins.

@@ -234,3 +234,35 @@ def test_eager_calls_do_not_go_through_the_op(monkeypatch):
     z.requires_grad_(True)
     (g,) = torch.autograd.grad(adaptive_info_nce(z, z_aug, backend="reference"), z, create_graph=True)
     assert g.requires_grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_return_stats_under_fullgraph(backend):
+    """return_stats inside a fullgraph compile (the Module, labels, soft threshold, "none"):
+    one graph with the op in it, and the eager call's loss, gradients and statistics."""
+    if _missing(backend):
+        pytest.skip(_missing(backend))
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    z, z_aug = views(5, 4, dtype=torch.float32, seed=9, device=device)
+    z.requires_grad_(True)
+    k = torch.tensor([0.1, 0.3, -0.2, 0.0, 0.2], device=device, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 1], device=device)
+    loss_fn = AdaptiveInfoNCE(threshold="soft", threshold_scale=0.1, reduction="none", backend=backend,
+                              stats_bins=64)
+
+    def f(z, z_aug, k, labels):
+        return loss_fn(torch.tanh(z), z_aug, k, labels, return_stats=True)
+
+    eager, eager_stats = f(z, z_aug, k, labels)
+    calls = []
+    torch._dynamo.reset()
+    got, got_stats = torch.compile(f, fullgraph=True, backend=_graph_ops(calls))(z, z_aug, k, labels)
+    assert len(calls) == 1 and "adaptive_cl.info_nce" in calls[0], calls
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    upstream = torch.linspace(0.5, 1.5, 10, device=device)
+    for g, e in zip(torch.autograd.grad(got, (z, k), upstream), torch.autograd.grad(eager, (z, k), upstream)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # the compiled statistics are the dense ones; the kernel's eager m_i are float32 sums
+    torch.testing.assert_close(got_stats.m, eager_stats.m, rtol=1e-5, atol=1e-6)
+    assert got_stats.range == eager_stats.range and got_stats.histogram.dtype == torch.int64
+    assert int(got_stats.histogram.sum()) == 10 * 8
