@@ -42,6 +42,10 @@ before backward to train exactly as one process on the global batch (see example
 Under torch.compile this function runs eagerly (``torch.compiler.disable``: one graph break
 around the loss; the encoder before it still compiles).
 
+``return_stats=True`` (as in ``adaptive_info_nce``) also returns a LossStats: ``m`` of the
+rank's own rows, and the histogram of the whole global batch's candidate similarities (each
+rank counts its own rows' pairs, then one all-reduce of the counts; the same on every rank).
+
 Non-finite inputs anywhere in the global batch make every rank's loss NaN and every element of
 every rank's gradients NaN (the contract's rule), without a host synchronisation.
 
@@ -63,8 +67,9 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from .contract import LossOptions, Prepared, make_options, prepare
-from .reference import row_block_losses
+from .functional import _check_flag
+from .contract import LossOptions, Prepared, StatsSpec, make_options, make_stats_spec, prepare
+from .reference import block_stats, row_block
 
 __all__ = ["adaptive_info_nce_distributed", "Shard", "RowsHook", "HOOKS"]
 
@@ -123,10 +128,12 @@ class RowsHook(Protocol):
 
     ``unsupported(p)``: None, or why the backend cannot run these options (``p`` the rank's
     prepared shard). ``forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
-    needs_grad)``: the global views (B, D) each, ``k_own`` None or the (2 B_r,) thresholds of
+    needs_grad, stats)``: the global views (B, D) each, ``k_own`` None or the (2 B_r,) thresholds of
     the own rows (``k_scalar`` the float when k was one), ``labels_all`` None or the (N,)
-    labels; returns the own rows' (2 B_r,) losses in the compute dtype and whatever the backward
-    needs.
+    labels, ``stats`` None or the StatsSpec of return_stats; returns the own rows' (2 B_r,)
+    losses in the compute dtype, whatever the backward needs, and (with ``stats``) the own
+    rows' LossStats (m of the own rows; the histogram of the own rows' candidate pairs, which
+    the caller sums over the ranks), else None.
     ``backward(shard, saved, u_own)``: ``u_own`` the (2 B_r,) upstream gradient of the own
     rows' losses; returns (dz (B_r, D), dz_aug (B_r, D), dk (2 B_r,) or None): the gradient of
     the global loss for this rank's inputs. It may use the shard's collectives (every rank calls
@@ -137,7 +144,7 @@ class RowsHook(Protocol):
     def unsupported(self, p: Prepared) -> str | None: ...
 
     def forward(self, shard: Shard, z_all, z_aug_all, k_own, k_scalar, labels_all,
-                options: LossOptions, needs_grad: bool): ...
+                options: LossOptions, needs_grad: bool, stats: StatsSpec | None = None): ...
 
     def backward(self, shard: Shard, saved, u_own): ...
 
@@ -149,15 +156,19 @@ class ReferenceRows:
     def unsupported(self, p):
         return None
 
-    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad, stats=None):
         with torch.enable_grad() if needs_grad else torch.no_grad():
             leaves = [z_all.detach().requires_grad_(needs_grad), z_aug_all.detach().requires_grad_(needs_grad)]
             if k_own is not None:
                 leaves.append(k_own.detach().requires_grad_(needs_grad))
             rows = shard.own_rows(z_all.device)
-            losses = row_block_losses(leaves[0], leaves[1], rows, leaves[2] if k_own is not None else None,
-                                      labels_all, options)
-        return losses.detach(), (leaves, losses)
+            losses, c, a, candidates = row_block(leaves[0], leaves[1], rows, leaves[2] if k_own is not None else None,
+                                                 labels_all, options)
+        own_stats = None
+        if stats is not None:
+            finite = torch.isfinite(z_all).all() & torch.isfinite(z_aug_all).all()
+            own_stats = block_stats(stats, finite, c, a, candidates)
+        return losses.detach(), (leaves, losses), own_stats
 
     def backward(self, shard, saved, u_own):
         leaves, losses = saved
@@ -181,8 +192,9 @@ class TritonRows:
     def unsupported(self, p):
         return backends.triton_unavailable_reason(p)
 
-    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad):
+    def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad, stats=None):
         from .kernels import function as f
+        from .stats import LossStats
 
         # A row's backward re-evaluates every other row's decisions: all thresholds are needed,
         # gathered even when k is a float (each rank's float is its own rows' threshold; ranks
@@ -191,9 +203,17 @@ class TritonRows:
         b, off, r = shard.batch, shard.offset, shard.local
         with f._on_device(z_all):
             pr = f.prepare_rows(z_all, z_aug_all, k_all, None, options, labels_rows=labels_all)
-            parts = [f.forward_rows(pr, options, off, off + r), f.forward_rows(pr, options, b + off, b + off + r)]
-        losses, *stats = (torch.cat([a, c]) for a, c in zip(*parts))
-        return losses, (pr, torch.stack(stats, dim=1), k_own, k_scalar, options)
+            ranges = ((off, off + r), (b + off, b + off + r))
+            hists = [None if stats is None else f.hist_buffer(pr, stats.bins, lo, hi) for lo, hi in ranges]
+            parts = [f.forward_rows(pr, options, lo, hi, hist=h, hist_range=(-1.0, 1.0) if stats is None else stats.range)
+                     for (lo, hi), h in zip(ranges, hists)]
+        losses, *rows = (torch.cat([a, c]) for a, c in zip(*parts))
+        own_stats = None
+        if stats is not None:  # each range counted its pairs j > i; the ranks' ranges partition the rows
+            counts = sum(f.finish_histogram(pr, h) for h in hists)
+            own_stats = LossStats(m=torch.where(pr.flag == 0, rows[0], float("nan")), histogram=counts,
+                                  range=stats.range)
+        return losses, (pr, torch.stack(rows, dim=1), k_own, k_scalar, options), own_stats
 
     def backward(self, shard, saved, u_own):
         from .kernels import function as f
@@ -241,27 +261,36 @@ def _hook(backend: str, p: Prepared) -> RowsHook:
 
 
 class _GlobalBatchLoss(torch.autograd.Function):
-    """apply(z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad) -> the
-    global loss (reduction "mean"/"sum") or the own rows' losses ("none")."""
+    """apply(z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad, stats) ->
+    the global loss (reduction "mean"/"sum") or the own rows' losses ("none"); with ``stats`` (a
+    StatsSpec) (loss, m of the own rows, the global histogram), neither differentiable."""
 
     @staticmethod
-    def forward(ctx, z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad):
+    def forward(ctx, z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad, stats=None):
         z_all = shard.gather(z.detach())
         z_aug_all = shard.gather(z_aug.detach())
-        losses, saved = hook.forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
-                                     needs_grad)
+        losses, saved, own_stats = hook.forward(shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options,
+                                                needs_grad, stats)
         ctx.shard, ctx.hook, ctx.saved, ctx.options = shard, hook, saved, options
         ctx.n = 2 * shard.batch
         ctx.finite = torch.isfinite(z_all).all() & torch.isfinite(z_aug_all).all()
         if options.reduction == "none":
-            return losses.clone()
-        total = losses.sum().reshape(1)
-        dist.all_reduce(total, group=shard.group)
-        total = total.reshape(())
-        return total / ctx.n if options.reduction == "mean" else total
+            out = losses.clone()
+        else:
+            total = losses.sum().reshape(1)
+            dist.all_reduce(total, group=shard.group)
+            total = total.reshape(())
+            out = total / ctx.n if options.reduction == "mean" else total
+        if stats is None:
+            return out
+        counts = own_stats.histogram.contiguous().clone()
+        dist.all_reduce(counts, group=shard.group)  # the own rows' pairs: a partition of all pairs
+        m = own_stats.m.clone()
+        ctx.mark_non_differentiable(m, counts)
+        return out, m, counts
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_stats_grads):
         o = ctx.options
         if o.reduction == "none":
             u_own = grad
@@ -272,10 +301,11 @@ class _GlobalBatchLoss(torch.autograd.Function):
         ctx.saved = None
         nan = torch.tensor(float("nan"), dtype=dz.dtype, device=dz.device)
         dz, dza = torch.where(ctx.finite, dz, nan), torch.where(ctx.finite, dza, nan)
-        return dz, dza, dk, None, None, None, None, None, None
+        return dz, dza, dk, None, None, None, None, None, None, None
 
 
-def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bool, has_labels: bool) -> Shard:
+def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bool, has_labels: bool,
+           stats: StatsSpec | None = None) -> Shard:
     """Exchange the shard sizes, checking that every rank agrees on D, dtype and options."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
@@ -283,14 +313,14 @@ def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bo
             "(dist.init_process_group); for one process use adaptive_info_nce")
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    fingerprint = zlib.crc32(repr((options, backend, has_k, has_labels)).encode())
+    fingerprint = zlib.crc32(repr((options, backend, has_k, has_labels, stats)).encode())
     mine = torch.tensor([z.shape[0], z.shape[1], _DTYPE_CODES[z.dtype], fingerprint],
                         dtype=torch.int64, device=z.device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).tolist()
     for what, col in (("feature size D", 1), ("dtype", 2),
-                      ("options (and give k and labels alike)", 3)):
+                      ("options (and give k, labels and return_stats alike)", 3)):
         if len({row[col] for row in table}) != 1:
             raise ValueError(f"every rank must pass the same {what}; ranks disagree: "
                              f"{[row[col] for row in table]}")
@@ -317,7 +347,10 @@ def adaptive_info_nce_distributed(
     reduction: str = "mean",
     backend: str = "auto",
     group=None,
-) -> torch.Tensor:
+    return_stats: bool = False,
+    stats_bins: int = 2048,
+    stats_range: tuple[float, float] = (-1.0, 1.0),
+):
     """:func:`adaptive_cl.adaptive_info_nce` over the global batch of a process group.
 
     Every rank calls it with its own rows (see the module docstring for the row order) and the
@@ -335,20 +368,34 @@ def adaptive_info_nce_distributed(
         temperature ... reduction: as ``adaptive_info_nce``; "mean" divides by the global N.
         backend: "auto" or a backend with a distributed hook (``HOOKS``: "reference", "triton").
         group: the process group (None: the default group).
+        return_stats, stats_bins, stats_range: as ``adaptive_info_nce``: also return a
+            :class:`adaptive_cl.stats.LossStats` whose ``m`` holds this rank's 2 B_r rows
+            (ordered as reduction="none") and whose ``histogram`` counts the candidate
+            similarities of the whole global batch (all-reduced: the same on every rank).
+            Counted in the kernel's forward with the fused hook, from the rank's (2 B_r, N)
+            block of similarities with the reference.
 
     Returns:
         "mean"/"sum": the global loss, the same value on every rank; "none": this rank's
-        2 B_r row losses. Differentiable once; every rank must run backward.
+        2 B_r row losses; with ``return_stats``: (loss, LossStats). Differentiable once; every
+        rank must run backward.
     """
     options = make_options(
         temperature=temperature, normalize=normalize, denominator=denominator, weighting=weighting,
         positive_weight=positive_weight, threshold=threshold, threshold_scale=threshold_scale,
         reduction=reduction)
+    stats = make_stats_spec(stats_bins, stats_range) if _check_flag(return_stats) else None
     p = prepare(z, z_aug, k, labels, options, min_batch=0)
     hook = _hook(backend, p)
-    shard = _shard(z, group, options, backend, k is not None, labels is not None)
+    shard = _shard(z, group, options, backend, k is not None, labels is not None, stats)
     labels_all = None if p.labels_rows is None else shard.gather_rows(p.labels_rows)
     inputs = [z, z_aug] + ([p.k_rows] if p.k_rows is not None else [])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    return _GlobalBatchLoss.apply(z, z_aug, p.k_rows, p.k_scalar, shard, labels_all, options, hook,
-                                  needs_grad)
+    out = _GlobalBatchLoss.apply(z, z_aug, p.k_rows, p.k_scalar, shard, labels_all, options, hook,
+                                 needs_grad, stats)
+    if stats is None:
+        return out
+    from .stats import LossStats
+
+    loss, m, counts = out
+    return loss, LossStats(m=m, histogram=counts, range=stats.range)

@@ -213,15 +213,20 @@ def losses_from_similarities(
     return loss
 
 
-@torch.no_grad()
 def _stats_from(p: Prepared, c: torch.Tensor, a: torch.Tensor | None, candidates: torch.Tensor):
-    """LossStats from the materialised c and memberships a (see adaptive_cl.stats): m_i = sum_j
-    a_ij, and the histogram of c over every row's candidates; NaN m and zero counts when an
-    input is not finite."""
+    """LossStats from the materialised c and memberships a (see adaptive_cl.stats)."""
+    finite = torch.isfinite(p.z).all() & torch.isfinite(p.z_aug).all()
+    return block_stats(p.stats, finite, c, a, candidates)
+
+
+@torch.no_grad()
+def block_stats(spec, finite: torch.Tensor, c: torch.Tensor, a: torch.Tensor | None, candidates: torch.Tensor):
+    """LossStats of the rows of ``c`` (similarities of some rows with every column) and their
+    memberships ``a``: m_i = sum_j a_ij, and the histogram (``spec``: a StatsSpec) of c over
+    the rows' candidates; NaN m and zero counts unless ``finite`` (a 0-d bool tensor: every
+    input element finite). Histograms of a partition of the rows add up to the whole one's."""
     from .stats import LossStats, bin_indices
 
-    spec = p.stats
-    finite = torch.isfinite(p.z).all() & torch.isfinite(p.z_aug).all()
     # scatter_add over every pair, candidates weighted 1: a fixed-size result (a boolean-mask
     # index or bincount would make the host wait for a CUDA device)
     counts = torch.zeros(spec.bins, dtype=torch.int64, device=c.device).scatter_add_(
@@ -284,6 +289,11 @@ def row_block_losses(
     ``row_losses`` up to the summation order of the matmul; the numerics are the same (non-finite
     inputs anywhere poison every row).
     """
+    return row_block(z, z_aug, rows, k_rows, labels_rows, options)[0]
+
+
+def row_block(z, z_aug, rows, k_rows, labels_rows, options):
+    """``row_block_losses``' (losses, c, a, candidates): with what the statistics are read from."""
     b = z.shape[0]
     n = 2 * b
     stacked = stacked_rows(z, z_aug, options.normalize, compute_dtype(z.dtype))
@@ -299,4 +309,4 @@ def row_block_losses(
         same = (labels_rows[rows][:, None] == labels_rows[None, :]) & candidates
         a = torch.where(same, torch.ones_like(a), a)
         rest = torch.where(same, torch.zeros_like(rest), rest)
-    return losses_from_similarities(c, a, rest, partner, candidates, k_rows, options)
+    return losses_from_similarities(c, a, rest, partner, candidates, k_rows, options), c, a, candidates

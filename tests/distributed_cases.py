@@ -16,7 +16,7 @@ import torch.distributed as dist
 from adaptive_cl import adaptive_info_nce, backends
 from adaptive_cl.contract import make_options, prepare
 from adaptive_cl.distributed import adaptive_info_nce_distributed
-from helpers import safe_threshold, views
+from helpers import safe_threshold, similarity, views
 
 # float64 on both sides; the two differ only in the matmul's summation order and the order of
 # the cross-rank sums (~1e-16 relative per term, N ~ 20 terms), far below this bound. Hard
@@ -96,7 +96,8 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
     kg = k.clone().requires_grad_(True) if soft_k else k
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        full = adaptive_info_nce(zg, zag, kg, labels=labels, backend=backend, **case)
+        full, full_stats = adaptive_info_nce(zg, zag, kg, labels=labels, backend=backend, return_stats=True,
+                                             stats_bins=STATS_BINS, **case)
     up_full = upstream if case.get("reduction") == "none" else torch.tensor(0.7, dtype=full.dtype)
     inputs = [zg, zag] + ([kg] if soft_k else [])
     grads_full = torch.autograd.grad(full, inputs, up_full)
@@ -114,7 +115,14 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
     labels_l = None if labels is None else _own(labels, sizes, rank)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = adaptive_info_nce_distributed(zl, zal, kl, labels=labels_l, backend=backend, **case)
+        got, got_stats = adaptive_info_nce_distributed(zl, zal, kl, labels=labels_l, backend=backend,
+                                                       return_stats=True, stats_bins=STATS_BINS, **case)
+    torch.testing.assert_close(got_stats.m, _own(full_stats.m, sizes, rank), **tol)
+    # every rank holds the global histogram; float32 similarities may land on the other side of
+    # a bin edge than in one process (different tiles), never more than the values near edges
+    slack = 0 if dtype == torch.float64 else _near_edges(z, z_aug, normalize)
+    assert int(got_stats.histogram.sum()) == int(full_stats.histogram.sum()) == 2 * b * (2 * b - 2)
+    assert int((got_stats.histogram - full_stats.histogram).abs().sum()) <= 2 * slack
     if case.get("reduction") == "none":
         torch.testing.assert_close(got, _own(full, sizes, rank), **tol)
         up = _own(upstream, sizes, rank)
@@ -134,6 +142,19 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
             torch.testing.assert_close(grads[2], expected_dk, **tol)
 
 
+STATS_BINS = 16
+
+
+def _near_edges(z, z_aug, normalize: bool) -> int:
+    """Candidate similarities (float64) within 1e-5 of a bin edge of the statistics' histogram."""
+    c = similarity(z, z_aug, normalize)
+    n = c.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool)
+    keep[torch.arange(n), (torch.arange(n) + n // 2) % n] = False
+    pos = (c[keep] + 1.0) * (STATS_BINS / 2.0)
+    return int(((pos - pos.round()).abs() < 1e-5 * STATS_BINS / 2.0).sum())
+
+
 def _loss_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -151,9 +172,10 @@ def _non_finite(sizes, rank: int, backend: str = "reference", dtype=torch.float6
         zl = _own(z, sizes, rank).clone().requires_grad_(True)
         zal = _own(z_aug, sizes, rank).clone().requires_grad_(True)
         for reduction in ("mean", "none"):
-            loss = adaptive_info_nce_distributed(zl, zal, 0.1, normalize=False, denominator="all",
-                                                 reduction=reduction, backend=backend)
+            loss, st = adaptive_info_nce_distributed(zl, zal, 0.1, normalize=False, denominator="all",
+                                                     reduction=reduction, backend=backend, return_stats=True)
             assert torch.isnan(loss).all(), (bad, reduction, loss)
+            assert torch.isnan(st.m).all() and st.m.shape == (2 * sizes[rank],) and not st.histogram.any()
             dz, dza = torch.autograd.grad(loss.sum(), [zl, zal])
             assert torch.isnan(dz).all() and torch.isnan(dza).all(), (bad, reduction)
 

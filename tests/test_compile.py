@@ -266,3 +266,34 @@ def test_return_stats_under_fullgraph(backend):
     torch.testing.assert_close(got_stats.m, eager_stats.m, rtol=1e-5, atol=1e-6)
     assert got_stats.range == eager_stats.range and got_stats.histogram.dtype == torch.int64
     assert int(got_stats.histogram.sum()) == 10 * 8
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_op_threshold_gradient_every_shape(backend):
+    """The op's soft-threshold dL/dk folded back to each shape of k (0-d, (B,), (N,); a float
+    has none), against the float64 reference, and its fake outputs (the (S, N) row statistics
+    included) shaped as the real ones."""
+    if _missing(backend):
+        pytest.skip(_missing(backend))
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    z, z_aug = views(5, 3, dtype=torch.float32, seed=11, device=device)
+    labels = torch.tensor([0, 1, 0, 2, 1], device=device)
+    options = dict(threshold="soft", threshold_scale=0.1, weighting="unit", positive_weight=0.3)
+    for k in (torch.tensor(0.2), torch.linspace(-0.2, 0.4, 5), torch.linspace(-0.3, 0.5, 10), 0.2):
+        zg = z.clone().requires_grad_(True)
+        kt = k.to(device).requires_grad_(True) if torch.is_tensor(k) else None
+        args = _op_args(zg, z_aug, k=kt, k_value=None if torch.is_tensor(k) else k, labels=labels,
+                        backend=backend, **options)
+        loss, row_stats = torch.ops.adaptive_cl.info_nce(*args)
+        fake_loss, fake_stats = ops._info_nce_fake(*args)
+        assert (fake_loss.shape, fake_loss.dtype) == (loss.shape, loss.dtype)
+        assert (fake_stats.shape, fake_stats.dtype) == (row_stats.shape, row_stats.dtype)
+        got = torch.autograd.grad(loss, [zg] + ([kt] if kt is not None else []))
+        z64 = z.detach().double().cpu().requires_grad_(True)
+        k64 = k.detach().double().requires_grad_(True) if torch.is_tensor(k) else k
+        ref = adaptive_info_nce(z64, z_aug.double().cpu(), k64, labels=labels.cpu(), backend="reference", **options)
+        expected = torch.autograd.grad(ref, [z64] + ([k64] if torch.is_tensor(k) else []))
+        torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and g.dtype == torch.float32
+            torch.testing.assert_close(g.double().cpu(), e, rtol=1e-4, atol=1e-6)
