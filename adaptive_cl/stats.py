@@ -1,12 +1,14 @@
 """Statistics of a loss call (``return_stats=True``) and the SimThres percentile from histograms.
 
 ``adaptive_info_nce(..., return_stats=True)`` returns ``(loss, LossStats)``, the same on every
-backend (the fused kernels count in the forward pass; the reference and the compiled backend
-count the similarities they materialise anyway):
+backend (the Triton kernel counts in its forward pass; the reference reads the similarities of
+its loss; every other backend, the C++ extension included, and every backend under
+torch.compile count from the dense similarities, N x N memory):
 
 - ``m``: (N,) per-row m_i, the number of extra positives |A(i)| (threshold and label
   positives; with ``threshold="soft"`` the soft count sum_j a_ij), in the loss's accumulation
-  dtype; NaN in every row when an element of z or z_aug is not finite;
+  dtype; NaN in every row when an element of z or z_aug is not finite (and in row i for the
+  soft threshold with a NaN k_i);
 - ``histogram``: (bins,) int64 counts of the candidate similarities c_ij, over every row i and
   every j in N(i) (j != i, j != partner; labels and thresholds do not matter), in ``bins`` equal
   bins on ``range`` (default (-1, 1), the cosine's range with ``normalize=True``): c goes to bin
