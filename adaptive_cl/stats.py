@@ -126,7 +126,9 @@ def similarity_histogram(
     spec = make_stats_spec(bins, range)
     with torch.no_grad():
         p = prepare(z.detach(), z_aug.detach(), None, None, make_options(normalize=normalize), spec)
-        fn = backends.resolve(backend, p)
-        if fn is backends.adaptive_info_nce_reference or not getattr(fn, "fused_stats", False):
+        # "auto" off CUDA has no fused statistics: resolving it would build the C++ extension
+        # (a minute on a fresh machine) only to count densely anyway
+        fn = None if backend == "auto" and not p.z.is_cuda else backends.resolve(backend, p)
+        if fn is None or fn is backends.adaptive_info_nce_reference or not getattr(fn, "fused_stats", False):
             return similarity_stats(p).histogram  # the similarities alone, no loss
         return fn(p)[1].histogram
