@@ -186,7 +186,7 @@ def test_non_finite_inputs_count_nothing(ext, dtype, where):
     (z if where == "z-nan" else za)[3, 2] = float("nan") if where == "z-nan" else float("inf")
     for normalize in (True, False):
         loss, st = adaptive_info_nce(z, za, torch.full((6,), 0.3, dtype=dtype), backend="cpu", normalize=normalize,
-                                     threshold="soft", reduction="none", return_stats=True, stats_bins=64)
+                                     denominator="all", threshold="soft", reduction="none", return_stats=True, stats_bins=64)
         assert torch.isnan(loss).all() and torch.isnan(st.m).all()
         assert st.histogram.shape == (64,) and not st.histogram.any()
         assert torch.isnan(st.percentile(0.9))
