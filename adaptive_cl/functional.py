@@ -94,8 +94,9 @@ def adaptive_info_nce(
         return_stats: also return the call's statistics (:class:`adaptive_cl.stats.LossStats`):
             per-row m_i and a histogram of the candidate similarities c_ij, the input of
             SimThres' percentile (:func:`adaptive_cl.stats.histogram_percentile`), counted in
-            the Triton kernel's forward pass (nothing N x N stored; other backends, and every
-            backend under torch.compile, count them from the dense similarities).
+            the forward pass of the Triton kernel and of the C++ extension (nothing N x N
+            stored; the reference and "compiled", and every backend under torch.compile, count
+            them from the dense similarities).
         stats_bins: the histogram's bins, a power of two <= 4096 (default 2048: width ~1e-3).
         stats_range: (lo, hi) of the equal bins (default the cosine's (-1, 1)); values
             outside go to the edge bins.

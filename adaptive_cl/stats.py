@@ -1,9 +1,9 @@
 """Statistics of a loss call (``return_stats=True``) and the SimThres percentile from histograms.
 
 ``adaptive_info_nce(..., return_stats=True)`` returns ``(loss, LossStats)``, the same on every
-backend (the Triton kernel counts in its forward pass; the reference reads the similarities of
-its loss; every other backend, the C++ extension included, and every backend under
-torch.compile count from the dense similarities, N x N memory):
+backend (the fused backends, the Triton kernel and the C++ extension, count in the forward
+pass; the reference reads the similarities of its loss; the compiled backend, and every backend
+under torch.compile, count from the dense similarities, N x N memory):
 
 - ``m``: (N,) per-row m_i, the number of extra positives |A(i)| (threshold and label
   positives; with ``threshold="soft"`` the soft count sum_j a_ij), in the loss's accumulation
@@ -117,8 +117,10 @@ def similarity_histogram(
     backend: str = "auto",
 ) -> torch.Tensor:
     """(bins,) int64 counts of the candidate similarities c_ij of the views [z; z_aug] (every
-    row i, every j != i, partner), in equal bins on ``range``, without the gradient graph: the
-    fused kernel on CUDA (nothing N x N stored), else the reference's dense similarities."""
+    row i, every j != i, partner), in equal bins on ``range``, without the gradient graph and
+    with nothing N x N stored on the fused backends: the C++ extension on CPU counts them alone
+    (no loss), the Triton kernel on CUDA in its forward pass; the reference (or a backend
+    without statistics of its own) from its dense similarities."""
     from . import backends
     from .contract import make_options, prepare
     from .reference import similarity_stats
@@ -126,9 +128,10 @@ def similarity_histogram(
     spec = make_stats_spec(bins, range)
     with torch.no_grad():
         p = prepare(z.detach(), z_aug.detach(), None, None, make_options(normalize=normalize), spec)
-        # "auto" off CUDA has no fused statistics: resolving it would build the C++ extension
-        # (a minute on a fresh machine) only to count densely anyway
-        fn = None if backend == "auto" and not p.z.is_cuda else backends.resolve(backend, p)
-        if fn is None or fn is backends.adaptive_info_nce_reference or not getattr(fn, "fused_stats", False):
+        fn = backends.resolve(backend, p)
+        histogram_only = getattr(fn, "histogram_only", None)
+        if histogram_only is not None:
+            return histogram_only(p)
+        if fn is backends.adaptive_info_nce_reference or not getattr(fn, "fused_stats", False):
             return similarity_stats(p).histogram  # the similarities alone, no loss
         return fn(p)[1].histogram

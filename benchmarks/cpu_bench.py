@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_bench.py                       # N = 512 1024 2048 4096, D = 64, float32
     python benchmarks/cpu_bench.py --N 512 4096 --repeats 9
+    python benchmarks/cpu_bench.py --impls eager cpu cpu-stats hist --tag stats   # return_stats rows
     python benchmarks/cpu_bench.py --check results/cpu-<machine>-<date>.json   # the issue's targets
 
 Each (impl, N) runs in a fresh subprocess, so one impl's allocations, compiled graphs and
@@ -15,6 +16,12 @@ thread pools never colour another's numbers. In it: inputs as ``impls.make_input
   mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) so large freed blocks go back to the OS
   between calls instead of being silently reused. Without clear_refs (non-Linux) the field is null.
 - time: the median (and min) wall-clock of ``--repeats`` fwd+bwd calls, and their median CPU time.
+
+Two more rows measure the statistics on CPU (``--impls cpu-stats hist``): ``cpu-stats`` is
+``cpu`` with ``return_stats=True`` (2048-bin histogram and m_i counted in the forward pass) and
+``hist`` is ``similarity_histogram`` alone (no loss, no backward: its mode is ``"hist"``), the
+per-batch cost of the pipeline's statistical SimThres. Their peak extra memory shows that
+neither holds anything N x N.
 
 Results go to ``benchmarks/results/cpu-<cpu>-<date>.json`` with the machine (CPU model, cores,
 torch version, threads, the extension's vector ISA), the date, the load average around each
@@ -43,8 +50,12 @@ if ROOT not in sys.path:
 
 from adaptive_cl.rec.atomic import atomic_write_text  # noqa: E402  (after the path is set)
 
-IMPLS = ("eager", "compiled", "cpu")
+IMPLS = ("eager", "compiled", "cpu", "cpu-stats", "hist")
+#: What the default run measures (the issue's targets); the statistics rows are asked for by name.
+DEFAULT_IMPLS = ("eager", "compiled", "cpu")
 MODE = "fwd+bwd"
+#: Impls that time something other than MODE.
+MODES = {"hist": "hist"}
 #: The issue's "Done when", read at N = 4096 (speed and memory) and N = 512 (speed).
 TARGETS = {"eager_speedup_4096": 3.0, "compiled_speedup_4096": 1.5, "memory_fraction_4096": 0.05,
            "eager_speedup_512": 1.0}
@@ -74,11 +85,16 @@ def _step(impl: str, inputs):
 
     if impl in ("eager", "compiled"):
         return make_step(impl, inputs, MODE)
-    from adaptive_cl import adaptive_info_nce
+    from adaptive_cl import adaptive_info_nce, similarity_histogram
+
+    if impl == "hist":
+        return lambda: similarity_histogram(inputs.z, inputs.z_aug, backend="cpu")
+    stats = impl == "cpu-stats"
 
     def step():
-        out = adaptive_info_nce(inputs.z, inputs.z_aug, inputs.k, backend="cpu")
-        return torch.autograd.grad(out, (inputs.z, inputs.z_aug))
+        out = adaptive_info_nce(inputs.z, inputs.z_aug, inputs.k, backend="cpu", return_stats=stats)
+        loss = out[0] if stats else out
+        return torch.autograd.grad(loss, (inputs.z, inputs.z_aug)), out[1] if stats else None
 
     return step
 
@@ -112,11 +128,11 @@ def worker(impl: str, n: int, d: int, repeats: int, threads: int) -> dict:
         walls.append((time.perf_counter() - w) * 1e3)
         cpus.append((time.process_time() - c) * 1e3)
     load.append(os.getloadavg()[0])
-    record = dict(impl=impl, N=n, D=d, dtype="float32", mode=MODE, median_ms=statistics.median(walls),
+    record = dict(impl=impl, N=n, D=d, dtype="float32", mode=MODES.get(impl, MODE), median_ms=statistics.median(walls),
                   min_ms=min(walls), cpu_median_ms=statistics.median(cpus), repeats=repeats,
                   peak_extra_mib=peak_mib, first_call_s=first_s, threads=torch.get_num_threads(),
                   loadavg_1min=load, fp32_precision=torch.get_float32_matmul_precision())
-    if impl == "cpu":
+    if impl != "eager" and impl != "compiled":
         from adaptive_cl.cpu import build
 
         record["extension"] = build.extension().build_info()
@@ -154,7 +170,7 @@ def run_case(impl: str, n: int, d: int, repeats: int, threads: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(n), str(d), str(repeats), str(threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        return dict(impl=impl, N=n, D=d, dtype="float32", mode=MODE, error=res.stderr.strip()[-2000:])
+        return dict(impl=impl, N=n, D=d, dtype="float32", mode=MODES.get(impl, MODE), error=res.stderr.strip()[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -184,16 +200,17 @@ def summary_markdown(doc: dict) -> str:
     lines = [f"# CPU benchmark, {doc['date']}", "",
              f"{m['cpu']} ({m['machine']}, {m['cores']} cores, {doc['records'][0].get('threads', '?')} threads; "
              f"torch {m['torch']}, "
-             f"capability {m['torch_cpu_capability']}); N = 2B rows, D = {doc['D']}, float32, fwd+bwd.", "",
+             f"capability {m['torch_cpu_capability']}); N = 2B rows, D = {doc['D']}, float32, mode fwd+bwd "
+             "(hist: similarity_histogram alone).", "",
              f"Command: `{doc['command']}`", "",
-             "| N | impl | median ms | min ms | CPU ms | peak extra MiB | load (1 min) |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+             "| N | impl | mode | median ms | min ms | CPU ms | peak extra MiB | load (1 min) |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
     for r in doc["records"]:
         if "error" in r:
-            lines.append(f"| {r['N']} | {r['impl']} | error | | | | |")
+            lines.append(f"| {r['N']} | {r['impl']} | {r.get('mode', MODE)} | error | | | | |")
             continue
         mem = "n/a" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
-        lines.append(f"| {r['N']} | {r['impl']} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
+        lines.append(f"| {r['N']} | {r['impl']} | {r.get('mode', MODE)} | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
                      f"{r['cpu_median_ms']:.2f} | {mem} | {r['loadavg_1min'][0]:.1f} → {r['loadavg_1min'][1]:.1f} |")
     t = doc["targets"]
     lines += ["", "| target | bound | measured | pass |", "|---|---:|---:|---|"]
@@ -208,10 +225,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--N", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--D", type=int, default=64)
-    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each case (0: torch's default)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--tag", default="", help="appended to the result files' name (e.g. 'stats')")
     ap.add_argument("--check", metavar="JSON", help="print the targets of a recorded run and exit")
     ap.add_argument("--worker", nargs=5, metavar=("IMPL", "N", "D", "REPEATS", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -242,6 +260,8 @@ def main(argv=None) -> int:
     slug = re.sub(r"[^a-z0-9]+", "-", doc["machine"]["cpu"].lower()).strip("-")
     if args.threads > 0:
         slug += f"-{args.threads}t"
+    if args.tag:
+        slug += "-" + re.sub(r"[^a-z0-9]+", "-", args.tag.lower()).strip("-")
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"cpu-{slug}-{date}")
     # never a partial record: a kill mid-write leaves the previous file (or none)

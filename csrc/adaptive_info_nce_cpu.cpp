@@ -16,9 +16,12 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
+#include "histogram.h"
 #include "loss_terms.h"
 #include "normalize.h"
 #include "tiles.h"
@@ -129,7 +132,8 @@ void dispatch_options(bool norm, bool fixed, int kind, Fn&& fn) {
 }
 
 template <typename T, bool NORM, bool FIXED, int KIND>
-void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>& cs, T* loss, T* stats) {
+void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>& cs, T* loss, T* stats,
+                    const HistRequest<T>& hist) {
   using C = Tiling<T>;
   const int64_t n = pk.n, b = pk.b;
   const int64_t nblocks = (n + C::BM - 1) / C::BM;
@@ -137,6 +141,8 @@ void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>
     std::vector<T> tile(C::BM * C::BN), l(C::BM * C::V), m(C::BM * C::V), p(C::BM * C::V);
     std::vector<T> mx(C::BM), cp(C::BM);
     std::vector<MaskInt<T>> lmask(C::BN);
+    std::unique_ptr<TaskHistogram<T>> counts;
+    if (hist.total != nullptr) counts = std::make_unique<TaskHistogram<T>>(*hist.binner, hist.bins);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
       const int64_t i0 = blk * C::BM;
       const int64_t rows = std::min<int64_t>(C::BM, n - i0);
@@ -158,6 +164,11 @@ void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>
           mx[r] = acc.max;
           cp[r] = acc.c_partner;
         }
+        if (counts && j0 + C::BN > i0 + 1) {  // the tile holds pairs j > i (the rest are counted from j)
+          for (int64_t r = 0; r < rows; ++r)
+            counts->count_row(tile.data() + r * C::BN, i0 + r, partner_of(i0 + r, b), j0,
+                              std::min<int64_t>(C::BN, n - j0), NORM);
+        }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
@@ -165,6 +176,36 @@ void forward_blocks(const Packed<T>& pk, const RowInputs<T>& in, const Consts<T>
         loss[i] = finish_row<T, FIXED>(acc, cs, stats + i, stats + n + i, stats + 2 * n + i, stats + 3 * n + i);
       }
     }
+    if (counts) counts->merge_into(hist.total, *hist.lock);
+  });
+}
+
+// The histogram alone (similarity_histogram): only the tiles that hold pairs j > i, no loss terms.
+// Block t's upper triangle shrinks with t, so a task takes blocks in pairs (t, last - t) of equal
+// total work and two threads share the call evenly.
+template <typename T, bool NORM>
+void histogram_blocks(const Packed<T>& pk, const HistRequest<T>& hist) {
+  using C = Tiling<T>;
+  const int64_t n = pk.n, b = pk.b;
+  const int64_t nblocks = (n + C::BM - 1) / C::BM;
+  at::parallel_for(0, (nblocks + 1) / 2, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> tile(C::BM * C::BN);
+    TaskHistogram<T> counts(*hist.binner, hist.bins);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pair[2] = {t, nblocks - 1 - t};
+      for (int64_t k = 0; k < (pair[0] == pair[1] ? 1 : 2); ++k) {  // the middle of an odd count: once
+        const int64_t blk = pair[k];
+        const int64_t i0 = blk * C::BM;
+        const int64_t rows = std::min<int64_t>(C::BM, n - i0);
+        for (int64_t j0 = i0 / C::BN * C::BN; j0 < n; j0 += C::BN) {
+          similarity_tile<T>(pk.zhat, pk.dp, pk.panels, pk.d, i0, j0, tile.data());
+          for (int64_t r = 0; r < rows; ++r)
+            counts.count_row(tile.data() + r * C::BN, i0 + r, partner_of(i0 + r, b), j0,
+                             std::min<int64_t>(C::BN, n - j0), NORM);
+        }
+      }
+    }
+    counts.merge_into(hist.total, *hist.lock);
   });
 }
 
@@ -258,42 +299,98 @@ int kind_of(const c10::optional<at::Tensor>& k_rows, bool soft) {
   return soft ? kSoft : kHard;
 }
 
-// Returns (loss, stats): loss reduced as asked (0 "mean", 1 "sum", 2 "none": the N row losses),
-// stats the (4, N) per-row statistics the backward reads (shift, log l, m, T).
-std::vector<at::Tensor> forward(const at::Tensor& z, const at::Tensor& z_aug, const c10::optional<at::Tensor>& k_rows,
-                                const c10::optional<at::Tensor>& labels, double tau, bool normalize, bool den_all,
-                                bool unit, double alpha, bool soft, double beta, int64_t reduction) {
+void check_histogram(int64_t bins, double lo, double hi) {
+  TORCH_CHECK(bins >= 1 && bins <= (int64_t(1) << 24), "stats_bins must be in [1, 2^24]; got ", bins);
+  TORCH_CHECK(std::isfinite(lo) && std::isfinite(hi) && lo < hi, "stats_range must be finite with lo < hi; got (",
+              lo, ", ", hi, ")");
+}
+
+// (loss, stats[, counts]): loss reduced as asked (0 "mean", 1 "sum", 2 "none": the N row losses),
+// stats the (4, N) per-row statistics the backward reads (shift, log l, m, T); with bins > 0 also
+// the (bins,) int64 histogram of the candidate similarities on (lo, hi), counted in the same pass.
+std::vector<at::Tensor> forward_impl(const at::Tensor& z, const at::Tensor& z_aug,
+                                     const c10::optional<at::Tensor>& k_rows, const c10::optional<at::Tensor>& labels,
+                                     double tau, bool normalize, bool den_all, bool unit, double alpha, bool soft,
+                                     double beta, int64_t reduction, int64_t bins, double lo, double hi) {
   check_inputs(z, z_aug, k_rows, labels, soft);
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction code must be 0 (mean), 1 (sum) or 2 (none); got ",
               reduction);
   const Options o = make_options(tau, normalize, den_all, unit, alpha, soft, beta);
+  if (bins > 0) check_histogram(bins, lo, hi);
   const int64_t n = 2 * z.size(0);
   at::Tensor rows = at::empty({n}, z.options());
   at::Tensor stats = at::empty({4, n}, z.options());
+  at::Tensor counts = at::zeros({std::max<int64_t>(bins, 0)}, z.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_forward", [&] {
     using T = scalar_t;
     const Packed<T> pk = pack_rows<T>(z, z_aug, o.normalize);
-    if (!pk.norms.finite) {  // the contract: any non-finite input makes every row NaN
+    if (!pk.norms.finite) {  // the contract: any non-finite input makes every row (and m) NaN, counts 0
       rows.fill_(std::numeric_limits<double>::quiet_NaN());
       stats.fill_(std::numeric_limits<double>::quiet_NaN());
       return;
     }
     const RowInputs<T> in = row_inputs<T>(k_rows, labels, n, pk.n_pad);
     const Consts<T> cs = make_consts<T>(o, labels.has_value());
+    std::mutex lock;
+    const Binner<T> binner(std::max<int64_t>(bins, 1), lo, hi);
+    HistRequest<T> hist;
+    if (bins > 0) hist = HistRequest<T>{&binner, bins, counts.data_ptr<int64_t>(), &lock};
     dispatch_options(o.normalize, fixed_shift<T>(o), kind_of(k_rows, soft), [&](auto nc, auto fc, auto kc) {
       forward_blocks<T, decltype(nc)::value, decltype(fc)::value, decltype(kc)::value>(
-          pk, in, cs, rows.data_ptr<T>(), stats.data_ptr<T>());
+          pk, in, cs, rows.data_ptr<T>(), stats.data_ptr<T>(), hist);
     });
   });
-  if (reduction == 2) return {rows, stats};
-  // Fixed-order sum in float64 (N terms; torch's parallel sum could depend on the thread count).
-  double total = 0;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_reduce", [&] {
-    const scalar_t* rp = rows.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n; ++i) total += static_cast<double>(rp[i]);
+  at::Tensor loss = rows;
+  if (reduction != 2) {
+    // Fixed-order sum in float64 (N terms; torch's parallel sum could depend on the thread count).
+    double total = 0;
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_reduce", [&] {
+      const scalar_t* rp = rows.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) total += static_cast<double>(rp[i]);
+    });
+    if (reduction == 0) total /= static_cast<double>(n);
+    loss = at::scalar_tensor(total, z.options());
+  }
+  if (bins > 0) return {loss, stats, counts};
+  return {loss, stats};
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& z, const at::Tensor& z_aug, const c10::optional<at::Tensor>& k_rows,
+                                const c10::optional<at::Tensor>& labels, double tau, bool normalize, bool den_all,
+                                bool unit, double alpha, bool soft, double beta, int64_t reduction) {
+  return forward_impl(z, z_aug, k_rows, labels, tau, normalize, den_all, unit, alpha, soft, beta, reduction, 0, 0, 1);
+}
+
+std::vector<at::Tensor> forward_with_histogram(const at::Tensor& z, const at::Tensor& z_aug,
+                                               const c10::optional<at::Tensor>& k_rows,
+                                               const c10::optional<at::Tensor>& labels, double tau, bool normalize,
+                                               bool den_all, bool unit, double alpha, bool soft, double beta,
+                                               int64_t reduction, int64_t bins, double lo, double hi) {
+  TORCH_CHECK(bins >= 1, "stats_bins must be in [1, 2^24]; got ", bins);
+  return forward_impl(z, z_aug, k_rows, labels, tau, normalize, den_all, unit, alpha, soft, beta, reduction, bins, lo,
+                      hi);
+}
+
+// The (bins,) int64 histogram of the candidate similarities alone (no loss): half the forward's
+// tiles, no exponentials. All zero when an input is not finite.
+at::Tensor similarity_histogram(const at::Tensor& z, const at::Tensor& z_aug, bool normalize, int64_t bins, double lo,
+                                double hi) {
+  check_inputs(z, z_aug, c10::nullopt, c10::nullopt, false);
+  check_histogram(bins, lo, hi);
+  at::Tensor counts = at::zeros({bins}, z.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "adaptive_info_nce_cpu_histogram", [&] {
+    using T = scalar_t;
+    const Packed<T> pk = pack_rows<T>(z, z_aug, normalize);
+    if (!pk.norms.finite) return;
+    std::mutex lock;
+    const Binner<T> binner(bins, lo, hi);
+    const HistRequest<T> hist{&binner, bins, counts.data_ptr<int64_t>(), &lock};
+    if (normalize)
+      histogram_blocks<T, true>(pk, hist);
+    else
+      histogram_blocks<T, false>(pk, hist);
   });
-  if (reduction == 0) total /= static_cast<double>(n);
-  return {at::scalar_tensor(total, z.options()), stats};
+  return counts;
 }
 
 // Returns (dz, dz_aug, dk_rows): dk_rows is (N,) for the soft threshold when need_dk, else empty.
@@ -387,6 +484,10 @@ std::string build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU forward/backward of adaptive-cl's AdaptiveRec InfoNCE (see csrc/README.md)";
   m.def("forward", &adaptive_cl_cpu::forward, "loss (reduced) and per-row statistics");
+  m.def("forward_with_histogram", &adaptive_cl_cpu::forward_with_histogram,
+        "forward's (loss, stats) and the (bins,) histogram of the candidate similarities on (lo, hi)");
+  m.def("similarity_histogram", &adaptive_cl_cpu::similarity_histogram,
+        "the (bins,) histogram of the candidate similarities on (lo, hi) alone");
   m.def("backward", &adaptive_cl_cpu::backward, "dz, dz_aug and (soft) dk_rows");
   m.def("num_threads", [] { return at::get_num_threads(); }, "threads at::parallel_for uses here");
   m.def("build_info", &adaptive_cl_cpu::build_info, "vector ISA and widths this build uses");

@@ -236,7 +236,7 @@ def test_eager_calls_do_not_go_through_the_op(monkeypatch):
     assert g.requires_grad
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 def test_return_stats_under_fullgraph(backend):
     """return_stats inside a fullgraph compile (the Module, labels, soft threshold, "none"):
     one graph with the op in it, and the eager call's loss, gradients and statistics."""

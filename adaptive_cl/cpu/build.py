@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 DISABLE_ENV = "ADAPTIVE_CL_CPU_EXTENSION"
 
 _MAIN = "adaptive_info_nce_cpu.cpp"
-_HEADERS = ("tiles.h", "normalize.h", "loss_terms.h")
+_HEADERS = ("tiles.h", "normalize.h", "loss_terms.h", "histogram.h")
 
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "error": None}

@@ -3,8 +3,8 @@
 ``SimilarityStats`` gathers, per epoch, a histogram of the cosine similarities c_ij over each
 row's candidate set N(i) (j != i, j != partner) of the 2B contrastive views, entirely on the
 device (no host sync per step), from ``adaptive_cl.similarity_histogram``: counted inside the
-fused kernel on CUDA (nothing N x N is materialised or sorted), by the reference's dense
-similarities elsewhere. It gives the epoch's k_stat in two ways, both read by
+fused kernel on CUDA and by the C++ extension's histogram-only pass on CPU (nothing N x N is
+materialised or sorted), by the reference's dense similarities where neither is available. It gives the epoch's k_stat in two ways, both read by
 ``adaptive_cl.histogram_percentile`` (``torch.quantile``'s linear interpolation, within one bin
 width of the exact percentile):
 

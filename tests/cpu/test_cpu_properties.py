@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 THREADS_SCRIPT = textwrap.dedent("""
     import hashlib, json, sys, torch
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-    from adaptive_cl import adaptive_info_nce
+    from adaptive_cl import adaptive_info_nce, similarity_histogram
     from adaptive_cl.cpu import build
     from kernels._cases import make_views
 
@@ -33,10 +33,12 @@ THREADS_SCRIPT = textwrap.dedent("""
         z.requires_grad_(True); za.requires_grad_(True)
         k = torch.linspace(0.05, 0.3, 301, dtype=dtype).requires_grad_(True)
         labels = torch.arange(602) % 7
-        loss = adaptive_info_nce(z, za, k, labels=labels, reduction="none", backend="cpu", **opts)
+        loss, st = adaptive_info_nce(z, za, k, labels=labels, reduction="none", backend="cpu", return_stats=True,
+                                     stats_bins=4096, **opts)
         grads = torch.autograd.grad(loss, (z, za, k), torch.linspace(-1, 1, 602, dtype=dtype))
+        alone = similarity_histogram(z, za, bins=4096, normalize=opts.get("normalize", True), backend="cpu")
         h = hashlib.sha256()
-        for t in (loss, *grads):
+        for t in (loss, *grads, st.m, st.histogram, alone):
             h.update(t.detach().contiguous().numpy().tobytes())
         return h.hexdigest(), build.extension().num_threads()
 
@@ -51,7 +53,8 @@ THREADS_SCRIPT = textwrap.dedent("""
 
 
 def test_thread_count_does_not_change_a_bit(ext):
-    """N = 602: 19 row blocks split over 1 or 2 OpenMP threads give identical bytes."""
+    """N = 602: 19 row blocks split over 1 or 2 OpenMP threads give identical bytes: the loss,
+    its gradients, return_stats' m and counts, and similarity_histogram's counts."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     res = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(ROOT)], capture_output=True, text=True,
                          env=env, timeout=600)
