@@ -260,6 +260,24 @@ def _hook(backend: str, p: Prepared) -> RowsHook:
     return HOOKS[backend]
 
 
+def _label_rows_limit(hook: RowsHook, backend: str, p: Prepared, global_rows: int) -> RowsHook:
+    """The fused hook compares label ids as float32 (exact up to 2^24 rows): checked against the
+    global batch, which only the shard knows (``_hook`` saw the rank's own rows). Every rank
+    computes the same answer from the same global count, so they all switch or all raise."""
+    if not isinstance(hook, TritonRows) or p.labels_rows is None:
+        return hook
+    from . import kernels
+
+    limit = kernels.MAX_LABEL_ROWS
+    if global_rows <= limit:
+        return hook
+    if backend == "auto":
+        return HOOKS["reference"]
+    raise ValueError(f"backend={backend!r} cannot run these inputs: labels with N = {global_rows} > "
+                     f"{limit} rows in the global batch (the kernels compare label ids as float32, "
+                     "exact up to 2^24)")
+
+
 class _GlobalBatchLoss(torch.autograd.Function):
     """apply(z, z_aug, k_own, k_scalar, shard, labels_all, options, hook, needs_grad, stats) ->
     the global loss (reduction "mean"/"sum") or the own rows' losses ("none"); with ``stats`` (a
@@ -388,6 +406,7 @@ def adaptive_info_nce_distributed(
     p = prepare(z, z_aug, k, labels, options, min_batch=0)
     hook = _hook(backend, p)
     shard = _shard(z, group, options, backend, k is not None, labels is not None, stats)
+    hook = _label_rows_limit(hook, backend, p, 2 * shard.batch)
     labels_all = None if p.labels_rows is None else shard.gather_rows(p.labels_rows)
     inputs = [z, z_aug] + ([p.k_rows] if p.k_rows is not None else [])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

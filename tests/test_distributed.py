@@ -34,6 +34,28 @@ def test_needs_an_initialised_group():
         adaptive_info_nce_distributed(torch.randn(3, 2), torch.randn(3, 2))
 
 
+def test_label_limit_is_checked_on_the_global_batch(monkeypatch):
+    """The kernels compare label ids as float32 (exact to 2^24 rows): a rank's own rows may be
+    under the limit while the gathered batch is over it; "auto" then takes the reference on every
+    rank, an explicit "triton" raises naming the global N (the limit lowered to 8 here)."""
+    pytest.importorskip("triton")
+    from adaptive_cl import kernels
+    from adaptive_cl.contract import make_options, prepare
+    from adaptive_cl.distributed import HOOKS, _label_rows_limit
+
+    monkeypatch.setattr(kernels, "MAX_LABEL_ROWS", 8)
+    z = torch.randn(3, 4)
+    with_labels = prepare(z, z, None, torch.arange(3), make_options())
+    fused, ref = HOOKS["triton"], HOOKS["reference"]
+    assert _label_rows_limit(fused, "auto", with_labels, 8) is fused
+    assert _label_rows_limit(fused, "auto", with_labels, 10) is ref
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: labels with N = 10 > 8 rows"):
+        _label_rows_limit(fused, "triton", with_labels, 10)
+    without = prepare(z, z, None, None, make_options())
+    assert _label_rows_limit(fused, "triton", without, 10) is fused
+    assert _label_rows_limit(ref, "reference", with_labels, 10) is ref
+
+
 def test_unwired_backend_is_named():
     from adaptive_cl.distributed import adaptive_info_nce_distributed
 
