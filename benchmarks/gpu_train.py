@@ -5,7 +5,8 @@
     PYTHONUNBUFFERED=1 python3 benchmarks/gpu_train.py --data shared/data/Beauty.txt --out "$OUT"
 
 (``shared/`` inside the checkout travels to the GPU machine; nothing outside it does.) Steps,
-within ``--total-s`` seconds (default 480, so the command ends inside 9 minutes):
+within ``--total-s`` seconds (default 480, a budget meant to keep the command under 9 minutes;
+not yet timed on a GPU):
 
 1. ``benchmarks/train_speed.py`` (at most ``--speed-s``): epoch and evaluation times of SASRec,
    AdaptiveRec and DuoRec against the targets, the host-sync check; its JSON and table go to
