@@ -1,4 +1,4 @@
-"""Shared test utilities: inputs with thresholds safely away from ties."""
+"""Shared test utilities: inputs with thresholds safely away from ties, and sequence files."""
 
 from __future__ import annotations
 
@@ -97,3 +97,10 @@ def safe_threshold(
         ks.append(value)
         margins.append(margin)
     return torch.tensor(ks, dtype=z.dtype), min(margins)
+
+
+def write_sequence_file(path, data):
+    """Write ``data`` (a rec.data.SequenceData) in the one-line-per-user format
+    ``user item item ...`` that the CLI reads; returns ``path``."""
+    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in zip(data.user_ids, data.sequences)))
+    return path

@@ -15,6 +15,7 @@ import torch
 from adaptive_cl.rec import cli
 from adaptive_cl.rec.synthetic import make_synthetic
 from adaptive_cl.rec.train import CHECKPOINT, Trainer
+from helpers import write_sequence_file
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_seconds",
@@ -24,10 +25,7 @@ SMALL = ["--max-len", "10", "--batch-size", "128", "--no-progress"]
 
 
 def write_sequences(path: Path, seed: int = 0, num_users: int = 200) -> Path:
-    data = make_synthetic(num_users=num_users, num_items=40, mean_length=8.0, seed=seed)
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
-                            for u, s in zip(data.user_ids, data.sequences)))
-    return path
+    return write_sequence_file(path, make_synthetic(num_users=num_users, num_items=40, mean_length=8.0, seed=seed))
 
 
 @pytest.fixture(scope="module")

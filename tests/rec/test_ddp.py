@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import ddp_cases
 from adaptive_cl.rec.train import CHECKPOINT, train
+from helpers import write_sequence_file
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -47,8 +48,7 @@ def _close(a, b, users: int, path=""):
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     data = ddp_cases.make_synthetic(num_users=150, num_items=40, mean_length=8.0)
-    path = out / "seqs.txt"
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in zip(data.user_ids, data.sequences)))
+    path = write_sequence_file(out / "seqs.txt", data)
     mp.spawn(ddp_cases.worker, args=(2, str(out / "store"), str(out), str(path)), nprocs=2, join=True)
     return out
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adaptive_cl.rec.synthetic import make_synthetic
+from helpers import write_sequence_file
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -22,10 +23,7 @@ sys.path.remove(str(ROOT / "benchmarks"))
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
-                            for u, s in zip(d.user_ids, d.sequences)))
-    return path
+    return write_sequence_file(tmp_path_factory.mktemp("data") / "tiny.txt", d)
 
 
 def test_train_speed_on_cpu_records_and_judges_nothing(data, tmp_path):

@@ -17,6 +17,7 @@ from adaptive_cl.rec.published import PUBLISHED
 from adaptive_cl.rec.reproduce import Estimate, Layout, Run, Runner, make_plan
 from adaptive_cl.rec.synthetic import make_synthetic
 from adaptive_cl.rec.train import CHECKPOINT, METHODS
+from helpers import write_sequence_file
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_seconds",
@@ -29,10 +30,7 @@ TINY = ["--max-len", "10", "--batch-size", "128", "--threads", "1"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n"
-                            for u, s in zip(d.user_ids, d.sequences)))
-    return path
+    return write_sequence_file(tmp_path_factory.mktemp("data") / "tiny.txt", d)
 
 
 def test_plan_reads_the_methods_from_the_package():
