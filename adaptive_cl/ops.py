@@ -145,13 +145,7 @@ class _Triton:
         with f._on_device(z):
             out = f.backward_from_stats(z, z_aug, k_rows, p.k_scalar, options, row_stats, grad,
                                         labels_rows=p.labels_rows, k_grad=soft_k)
-        if k is None:
-            dk = z.new_empty((0,))
-        elif soft_k:
-            dk = _fold_rows(out[2], k)
-        else:
-            dk = torch.zeros_like(k)  # the hard threshold is flat
-        return out[0], out[1], dk
+        return out[0], out[1], _k_grad(k, z, out[2] if soft_k else None)
 
 
 class _CPU:
@@ -183,13 +177,15 @@ class _CPU:
         soft_k = k is not None and options.threshold == "soft"
         dz, dza, dk_rows = extension().backward(zc, zac, p.k_rows, p.labels_rows, row_stats, u,
                                                 *_option_args(options), soft_k)
-        if k is None:
-            dk = z.new_empty((0,))
-        elif soft_k:
-            dk = _fold_rows(dk_rows, k)
-        else:
-            dk = torch.zeros_like(k)  # the hard threshold is flat
-        return dz.to(z.dtype), dza.to(z_aug.dtype), dk
+        return dz.to(z.dtype), dza.to(z_aug.dtype), _k_grad(k, z, dk_rows if soft_k else None)
+
+
+def _k_grad(k: torch.Tensor | None, z: torch.Tensor, dk_rows: torch.Tensor | None) -> torch.Tensor:
+    """The op's dk output: shape (0,) without a k tensor; the fused backward's (N,) row
+    gradients folded to k's shape with the soft threshold; zeros with the hard one (flat)."""
+    if k is None:
+        return z.new_empty((0,))
+    return torch.zeros_like(k) if dk_rows is None else _fold_rows(dk_rows, k)
 
 
 def _fold_rows(dk_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
