@@ -1,7 +1,8 @@
 """The table of a reproduction: every finished run of one dataset, mean +- std over seeds, the
 paired difference to DuoRec per seed, the published numbers beside, and a plot.
 
-Input: the ``<method>-seed<k>.json`` files of a results folder (see :mod:`.reproduce`); output:
+Runs are named by their *setup* (a method under a named configuration, ``reproduce.SETUPS``).
+Input: the ``<setup>-seed<k>.json`` files of a results folder (see :mod:`.reproduce`); output:
 that folder's ``README.md`` and ``results.png``. Everything in them is derived from those files,
 so rebuilding it is idempotent.
 """
@@ -17,25 +18,37 @@ from pathlib import Path
 from .atomic import atomic_savefig, atomic_write_text
 from .published import SOURCES, published
 
-RESULT_NAME = re.compile(r"^(?P<method>[a-z0-9_]+)-seed(?P<seed>\d+)\.json$")
+RESULT_NAME = re.compile(r"^(?P<method>[a-z0-9_-]+?)-seed(?P<seed>\d+)\.json$")
 #: Columns of the main table (test metrics of the best validation epoch).
 METRICS = ("NDCG@10", "Recall@10", "NDCG@5", "Recall@5", "NDCG@20", "Recall@20", "MRR@10")
 #: Metrics of the paired comparison with the baseline.
 PAIRED = ("NDCG@10", "Recall@10")
 BASELINE = "duorec"
-#: Methods listed first, in this order (the issue's table); the rest follow alphabetically.
-ORDER = ("sasrec", "duorec", "adaptiverec")
+#: A setup's paired baseline where it is not BASELINE: AdaptiveRec's claim is against the DuoRec
+#: row of its own Table 1, DuoRec under AdaptiveRec's release configuration.
+BASELINES = {"adaptiverec": "duorec-paper"}
+#: Setups listed first, in this order (the issue's table); the rest follow alphabetically.
+ORDER = ("sasrec", "duorec", "duorec-paper", "adaptiverec")
 PLOT = "results.png"
 
 
+def setup_of(record: dict) -> str:
+    """A result's setup name (files written before setups existed hold only the method)."""
+    return record.get("setup", record.get("method"))
+
+
+def baseline_of(setup: str) -> str:
+    return BASELINES.get(setup, BASELINE)
+
+
 def result_path_key(path: Path) -> tuple[str, int] | None:
-    """(method, seed) of a result file name, None for any other file."""
+    """(setup, seed) of a result file name, None for any other file."""
     match = RESULT_NAME.match(path.name)
     return None if match is None else (match["method"], int(match["seed"]))
 
 
 def load_results(results_dir: str | Path) -> dict[tuple[str, int], dict]:
-    """Every ``<method>-seed<k>.json`` in ``results_dir``, keyed (method, seed).
+    """Every ``<setup>-seed<k>.json`` in ``results_dir``, keyed (setup, seed).
 
     Raises ValueError naming the file when one does not parse or disagrees with its name (a
     silently skipped run would change the table)."""
@@ -52,8 +65,8 @@ def load_results(results_dir: str | Path) -> dict[tuple[str, int], dict]:
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: not a readable results file ({err})") from None
         seed = record.get("config", {}).get("seed")
-        if record.get("method") != key[0] or seed != key[1] or not isinstance(record.get("test"), dict):
-            raise ValueError(f"{path}: holds method={record.get('method')!r}, seed={seed!r}, "
+        if setup_of(record) != key[0] or seed != key[1] or not isinstance(record.get("test"), dict):
+            raise ValueError(f"{path}: holds setup={setup_of(record)!r}, seed={seed!r}, "
                              f"which does not match its name (or it has no test metrics)")
         found[key] = record
     return found
@@ -93,8 +106,12 @@ def summarize(records: dict[tuple[str, int], dict]) -> dict[str, dict[str, Summa
 
 
 def paired(records: dict[tuple[str, int], dict], method: str, metric: str,
-           baseline: str = BASELINE) -> dict[int, float]:
-    """seed -> metric(method, seed) - metric(baseline, seed), over the seeds both have."""
+           baseline: str | None = None) -> dict[int, float]:
+    """seed -> metric(setup, seed) - metric(baseline, seed), over the seeds both have (the
+    baseline: ``baseline_of(setup)`` unless given)."""
+    baseline = baseline_of(method) if baseline is None else baseline
+    if baseline == method:
+        return {}
     return {seed: records[(method, seed)]["test"][metric] - records[(baseline, seed)]["test"][metric]
             for (m, seed) in sorted(records) if m == method and (baseline, seed) in records}
 
@@ -108,15 +125,16 @@ def _cell(value: float | None, digits: int = 4) -> str:
 
 
 def _main_table(records, summaries) -> list[str]:
-    head = ["method", "seeds", *METRICS, *(f"Δ{m} vs DuoRec (paired)" for m in PAIRED)]
+    head = ["setup", "seeds", *METRICS, *(f"Δ{m} vs its DuoRec (paired)" for m in PAIRED)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, metrics in summaries.items():
         seeds = sorted(s for m, s in records if m == method)
         cells = [method, ", ".join(map(str, seeds))]
         cells += [metrics[m].text() if m in metrics else "—" for m in METRICS]
         for metric in PAIRED:
-            diffs = paired(records, method, metric) if method != BASELINE else {}
-            cells.append(f"{Summary(list(diffs.values())).text(sign=True)} (n={len(diffs)})"
+            diffs = paired(records, method, metric)
+            cells.append(f"{Summary(list(diffs.values())).text(sign=True)} (n={len(diffs)}, "
+                         f"vs {baseline_of(method)})"
                          if diffs else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -142,15 +160,33 @@ def _published_table(dataset, summaries) -> list[str]:
     return lines
 
 
+def _setups_table(records) -> list[str]:
+    """What each setup ran: method, preset and the settings that tell them apart."""
+    keys = ("batch_size", "drop_last", "lr_schedule", "similarity", "simthres", "stop_metric",
+            "epochs")
+    lines = ["| setup | method | preset | " + " | ".join(keys) + " |",
+             "|" + "---|" * (len(keys) + 3)]
+    seen = set()
+    for (setup, _), r in sorted(records.items(), key=lambda kv: ordered_methods(
+            m for m, _ in records).index(kv[0][0])):
+        if setup in seen:
+            continue
+        seen.add(setup)
+        c = r.get("config", {})
+        lines.append(f"| {setup} | {r.get('method')} | {r.get('preset', '—')} | "
+                     + " | ".join(str(c.get(k, "—")) for k in keys) + " |")
+    return lines
+
+
 def _runs_table(records) -> list[str]:
-    head = ["run", "NDCG@10", "Recall@10", "Δ NDCG@10 vs DuoRec", "best epoch", "epochs",
+    head = ["run", "NDCG@10", "Recall@10", "Δ NDCG@10 vs its DuoRec", "best epoch", "epochs",
             "s/epoch (median)", "device", "torch", "sessions"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in ordered_methods(m for m, _ in records):
         for (m, seed), r in sorted(records.items()):
             if m != method:
                 continue
-            diff = paired(records, m, "NDCG@10").get(seed) if m != BASELINE else None
+            diff = paired(records, m, "NDCG@10").get(seed)
             best = next((row["epoch"] for row in r.get("history", [])
                          if row.get("valid") == r.get("valid")), None)
             seconds = _median([row["seconds"] for row in r.get("history", []) if "seconds" in row])
@@ -216,7 +252,7 @@ def write_report(results_dir: str | Path, dataset: str, *, command: str,
     records = load_results(results_dir)
     summaries = summarize(records)
     lines = [f"# Reproduction: {dataset}", "",
-             "Generated from the run files in this folder (one `<method>-seed<k>.json` per "
+             "Generated from the run files in this folder (one `<setup>-seed<k>.json` per "
              "finished run) by", "", f"    {command}", "",
              "Do not edit by hand: the next invocation rewrites it."]
     if not records:
@@ -224,9 +260,12 @@ def write_report(results_dir: str | Path, dataset: str, *, command: str,
     else:
         lines += ["", "## Test metrics", "",
                   "Full ranking over all items, leave-one-out, weights of the best validation "
-                  "NDCG@10 epoch; mean ± sample standard deviation over seeds. Δ vs DuoRec: "
-                  "the method's metric minus DuoRec's with the same seed, mean ± std over the "
-                  "seeds both have (n).", "", *_main_table(records, summaries)]
+                  "epoch (NDCG@10, or MRR@10 where the setup's release stops on it); mean ± "
+                  "sample standard deviation over seeds. Δ vs its DuoRec: the setup's metric "
+                  "minus its DuoRec baseline's with the same seed (adaptiverec: duorec-paper, "
+                  "the same release configuration; the others: duorec), mean ± std over the "
+                  "seeds both have (n).", "", *_setups_table(records),
+                  "", *_main_table(records, summaries)]
         table = _published_table(dataset, summaries)
         if len(table) > 2:
             lines += ["", "## Against the published numbers", "", *table, "",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 OPERATIONS = ("crop", "mask", "reorder")
+MASK_IDS = ("token", "padding")
 
 
 def _lengths(x: torch.Tensor) -> torch.Tensor:
@@ -44,20 +45,30 @@ class Augmenter:
     Args:
         num_items: items are ``1..num_items``; the mask token is ``num_items + 1`` (the model
             needs ``mask_token=True`` whenever masking can be drawn).
+        mask_id: ``"token"`` (that dedicated id, CL4SRec) or ``"padding"`` (masking writes the
+            padding id 0, as MCLRec's released code does: a masked item is then ignored like
+            padding and the model needs no mask row).
         crop: fraction of items a crop keeps (CL4SRec 0.6; MCLRec 0.5).
         mask: fraction of items replaced by the mask token (0.3; MCLRec 0.5).
         reorder: fraction of items in the shuffled span (0.6; MCLRec 0.8).
     """
 
     def __init__(
-        self, num_items: int, crop: float = 0.6, mask: float = 0.3, reorder: float = 0.6
+        self, num_items: int, crop: float = 0.6, mask: float = 0.3, reorder: float = 0.6,
+        mask_id: str = "token",
     ) -> None:
         if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
             raise ValueError(f"num_items must be an integer >= 1, got {num_items!r}")
-        self.mask_token = num_items + 1
+        if mask_id not in MASK_IDS:
+            raise ValueError(f"mask_id must be one of {MASK_IDS}, got {mask_id!r}")
+        self.mask_token = num_items + 1 if mask_id == "token" else 0
         self.crop_rate = _check_rate("crop", crop)
         self.mask_rate = _check_rate("mask", mask)
         self.reorder_rate = _check_rate("reorder", reorder)
+
+    def fits(self, model) -> bool:
+        """Whether ``model``'s embedding table has the row this augmenter's mask writes."""
+        return self.mask_token == 0 or model.mask_token == self.mask_token
 
     def crop(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A random contiguous subsequence, left-padded again (so it ends in the last column)."""

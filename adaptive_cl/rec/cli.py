@@ -45,12 +45,16 @@ from .objectives import CONTRASTS
 from .rcl import NGRAMS
 from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .synthetic import make_synthetic
+from .augment import MASK_IDS
+from .simthres import KSTAT_STARTS, THRESHOLD_INITS
 from .train import (
     CHECKPOINT,
     COMPILE_MODES,
     METHODS,
     PRESETS,
+    SIMILARITIES,
     SIMTHRES,
+    STOP_METRICS,
     THRESHOLDED,
     CheckpointError,
     Trainer,
@@ -171,7 +175,31 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
                    help="MCLRec's R: paper (Eqs. 11-15) or code (per row, three pairs)")
     p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
     p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
-    p.add_argument("--preset", default="default", choices=PRESETS)
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="default: the protocol; paper: AdaptiveRec's released configuration "
+                        "(adaptiverec, and duorec as its Table 1 baseline); release: each "
+                        "method's own released configuration (README: Presets)")
+    p.add_argument("--similarity", choices=SIMILARITIES,
+                   help="of the contrastive term: cos or dot (auto: dot for duorec, cos otherwise)")
+    p.add_argument("--temperature", type=positive(float), help="contrastive tau (1.0)")
+    p.add_argument("--cl-weight", type=_non_negative,
+                   help="weight of the contrastive term, lambda (0.1)")
+    p.add_argument("--stop-metric", choices=STOP_METRICS,
+                   help="validation metric of early stopping and the best epoch (NDCG@10)")
+    p.add_argument("--kstat-start", choices=KSTAT_STARTS,
+                   help="statistical SimThres in the first epoch, before any statistic: running "
+                        "(the epoch's batches so far), none (no extra positives), zero (k = 0)")
+    p.add_argument("--threshold-init", choices=THRESHOLD_INITS,
+                   help="learnable-flat's initialisation: nn.Linear's (default) or normal "
+                        "N(0, 0.02) (paper preset)")
+    p.add_argument("--threshold-detach", action=argparse.BooleanOptionalAction, default=None,
+                   help="feed the threshold network detached representations (default; the "
+                        "paper preset feeds them attached, as released)")
+    p.add_argument("--mask-id", choices=MASK_IDS,
+                   help="cl4srec/mclrec mask augmentation: a dedicated token or the padding id")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on CUDA (default: on with the default preset, off with "
+                        "paper and release, which reproduce in float32; never on CPU)")
     p.add_argument("--epochs", type=positive(int))
     p.add_argument("--batch-size", type=positive(int))
     p.add_argument("--lr", type=positive(float))
@@ -231,15 +259,21 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
 def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
     """The run's :class:`TrainConfig` from the flags; raises :class:`CLIError` if invalid."""
     synthetic = args.data is None
+    try:
+        preset_epochs = TrainConfig.preset_fields(args.preset, args.method).get("epochs")
+    except ValueError as err:
+        raise CLIError(f"argument --preset: {err}") from None
     overrides = {
         "method": args.method,
-        "epochs": args.epochs or (SYNTHETIC_EPOCHS if synthetic else DATA_EPOCHS),
+        # A preset's own epoch budget (DuoRec's release: 50) stands in for the protocol's.
+        "epochs": args.epochs or (SYNTHETIC_EPOCHS if synthetic else preset_epochs or DATA_EPOCHS),
         "max_len": args.max_len or (SYNTHETIC_MAX_LEN if synthetic else DATA_MAX_LEN),
         "device": args.device,
         "seed": args.seed,
         "progress": not args.no_progress,
         "record_histograms": args.plots,
-        "amp": torch.device(args.device).type == "cuda",
+        "amp": torch.device(args.device).type == "cuda" and (
+            args.amp if args.amp is not None else args.preset == "default"),
         # Compiling pays off on a GPU, where the step is launch-bound; on a CPU its minutes of
         # compilation would outweigh a short run. Data-parallel runs stay eager (DDP wraps the
         # plain module).
@@ -248,6 +282,8 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         "compile_mode": args.compile_mode,
     }
     for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
+                 "similarity", "temperature", "cl_weight", "stop_metric", "kstat_start",
+                 "threshold_init", "threshold_detach", "mask_id",
                  *(field for _, field, _ in METHOD_FLAGS)):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)

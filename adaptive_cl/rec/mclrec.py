@@ -242,7 +242,7 @@ class MCLRecObjective(nn.Module):
         return cl2 + weight * reg
 
     def _check(self, model: SASRec) -> None:
-        if model.mask_token != self.data_augmenter.mask_token:
+        if not self.data_augmenter.fits(model):
             raise ValueError("MCLRec's mask augmentation needs SASRec(mask_token=True)")
 
     def forward(

@@ -3,8 +3,11 @@
 Post-LayerNorm transformer blocks over item + learned position embeddings, causal self-attention
 with a padding mask, and the item embedding table reused as the output layer (full softmax over
 all items). Inputs are LEFT-padded with 0, so the sequence representation is the last column's
-hidden state. Attention runs through ``F.scaled_dot_product_attention`` (fused kernels on GPU);
-nothing in the forward pass reads a value back to the host. The output layer (the logits over all
+hidden state, and the last block computes only that column (its keys and values still come from
+every column): the same function at about 60% of the encoder's arithmetic. Attention runs through
+``F.scaled_dot_product_attention`` (fused kernels on GPU); training on the CPU spells it out so
+its dropout draws byte masks (:mod:`.dropout`). Nothing in the forward pass reads a value back to
+the host. The output layer (the logits over all
 items, for the cross-entropy and the ranking) is computed in float32 even under bf16 autocast:
 bf16 logits (8 mantissa bits) would tie many items in the ranking and coarsen the softmax, for a
 matmul that costs next to nothing.
@@ -17,6 +20,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .dropout import Dropout, dropout
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -40,18 +45,35 @@ class _Block(nn.Module):
         self.ff_in = nn.Linear(hidden, inner)
         self.ff_out = nn.Linear(inner, hidden)
         self.ff_norm = nn.LayerNorm(hidden, eps=eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attention(self, q, k, v, mask):
+        p = self.attn_dropout if self.training else 0.0
+        if p == 0.0 or q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        # SDPA's CPU path would draw its dropout with bernoulli_ (see .dropout).
+        scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        weights = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+        return dropout(weights, p) @ v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``(b, L, hidden)`` -> ``(b, L, hidden)``; with ``last_only`` -> ``(b, 1, hidden)``, the
+        last column only (every column still serves as a key and a value)."""
         b, length, hidden = x.shape
-        q, k, v = (
-            t.view(b, length, self.heads, hidden // self.heads).transpose(1, 2)
-            for t in self.qkv(x).chunk(3, dim=-1)
-        )
-        a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
-        a = a.transpose(1, 2).reshape(b, length, hidden)
+        d = hidden // self.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, self.heads, d).transpose(1, 2)
+
+        if last_only:
+            w, bias = self.qkv.weight, self.qkv.bias
+            k, v = map(heads, F.linear(x, w[hidden:], bias[hidden:]).chunk(2, dim=-1))
+            x, mask = x[:, -1:], mask[..., -1:, :]
+            q = heads(F.linear(x, w[:hidden], bias[:hidden]))
+        else:
+            q, k, v = map(heads, self.qkv(x).chunk(3, dim=-1))
+        a = self._attention(q, k, v, mask)
+        a = a.transpose(1, 2).reshape(b, -1, hidden)
         x = self.attn_norm(x + self.dropout(self.attn_out(a)))
         return self.ff_norm(x + self.dropout(self.ff_out(F.gelu(self.ff_in(x)))))
 
@@ -102,7 +124,7 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(num_items + (2 if mask_token else 1), hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
         self.emb_norm = nn.LayerNorm(hidden, eps=eps)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             _Block(hidden, heads, inner, dropout, attn_dropout, eps) for _ in range(layers)
         )
@@ -130,8 +152,9 @@ class SASRec(nn.Module):
         """The mask item id, or None when the table has no mask row."""
         return self.num_items + 1 if self.item_emb.num_embeddings == self.num_items + 2 else None
 
-    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Hidden states of every position, ``(b, L, hidden)``."""
+    def encode(self, inputs: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden states of every position, ``(b, L, hidden)``; with ``last_only`` the last
+        block computes the last position only, ``(b, 1, hidden)``."""
         if inputs.dim() != 2 or inputs.shape[1] > self.max_len:
             raise ValueError(
                 f"inputs must be (b, L) with L <= max_len={self.max_len}, got {tuple(inputs.shape)}"
@@ -144,13 +167,14 @@ class SASRec(nn.Module):
         # Every query keeps at least itself, so all-padding rows never produce NaN softmaxes.
         mask = (causal & real[:, None, :]) | eye
         mask = mask[:, None]  # broadcast over heads
-        for block in self.blocks:
-            x = block(x, mask)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only=last_only and i == last)
         return x
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Sequence representation ``(b, hidden)``: the last (most recent) column's state."""
-        return self.encode(inputs)[:, -1]
+        return self.encode(inputs, last_only=True)[:, -1]
 
     def output_weight(self) -> torch.Tensor:
         """The item embeddings of the real items ``1..num_items``, used as the output layer."""

@@ -129,7 +129,7 @@ class CL4SRecObjective(nn.Module):
     def forward(
         self, model: SASRec, batch: Batch, generator: torch.Generator | None = None
     ) -> ObjectiveOutput:
-        if model.mask_token != self.augmenter.mask_token:
+        if not self.augmenter.fits(model):
             raise ValueError("CL4SRec's mask augmentation needs SASRec(mask_token=True)")
         v1, v2, _ = self.augmenter.two_views(batch.inputs, generator)  # drawn for every row
         h, z1, z2 = encode(model, batch.own(batch.inputs), batch.own(v1), batch.own(v2))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Published:
-    method: str  # this package's method name
+    method: str  # the reproduction's setup name (reproduce.SETUPS)
     source: str  # a short tag, explained in SOURCES
     metrics: dict[str, float]
 
@@ -48,7 +48,7 @@ PUBLISHED: dict[str, tuple[Published, ...]] = {
         _hr_ndcg("duorec", "notes", .0546, .0845, .0352, .0443),
         _hr_ndcg("mclrec", "mclrec-paper", .0581, .0871, .0352, .0446),
         _hr_ndcg("rcl", "rcl-paper", .0601, .0898, .0377, .0476),
-        _adaptiverec_table("duorec", .0329, .0421, .0252, .0289, .0564, .0852),
+        _adaptiverec_table("duorec-paper", .0329, .0421, .0252, .0289, .0564, .0852),
         _adaptiverec_table("adaptiverec", .0335, .0427, .0257, .0295, .0574, .0857),
     ),
 }

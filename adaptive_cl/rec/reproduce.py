@@ -4,24 +4,31 @@ run a few at a time, resumed across invocations, then aggregated (see :mod:`.agg
     python examples/reproduce.py --data Beauty.txt --budget-s 480 --archive "$OUT"
     python -m adaptive_cl.rec.reproduce ...                      # the same after pip install
 
-Under ``--out-dir`` (default ``examples/results``), with ``<dataset>`` the data file's stem in
-lower case (``synthetic`` without ``--data``):
+A run is a *setup* (a method under a named configuration, :data:`SETUPS`: each method as its
+authors released it, plus DuoRec under AdaptiveRec's release configuration, the baseline of
+AdaptiveRec's paired claim) and a seed. Under ``--out-dir`` (default ``examples/results``), with
+``<dataset>`` the data file's stem in lower case (``synthetic`` without ``--data``):
 
-- ``<dataset>/<method>-seed<k>.json``: a finished run: the CLI's ``results.json`` plus the device,
-  torch and triton versions, the command, the wall time of every epoch and the sessions it took;
-- ``<dataset>/README.md`` and ``results.png``: the table over every finished run, and its plot;
-- ``<dataset>/partial/<method>-seed<k>/``: a run that has not finished: its ``checkpoint.pt``
-  (written atomically after every epoch) and ``train.log``.
+- ``<dataset>/<setup>-seed<k>.json``: a finished run: the CLI's ``results.json`` plus the setup,
+  device, torch and triton versions, the command, the wall time of every epoch and the sessions
+  it took;
+- ``<dataset>/README.md`` and ``results.png``: the table over every finished run, and its plot.
 
-Each run is ``python -m adaptive_cl.rec --data ... --method M --seed K --out partial/<name>``, in
-its own process, ``--jobs`` at a time. Runs whose result file exists are skipped. When the budget
-is spent the runs still going are stopped (SIGINT, so a checkpoint being written stays whole)
-and the next invocation resumes them with ``--resume``. Only committed files survive between GPU
-machines: commit ``partial/`` to carry unfinished runs over (a checkpoint holds the weights, the
-Adam moments and the best epoch's weights: about 14 MB per run on Beauty), or delete it to start
-them afresh. A run is started only while its first epoch can still end before the deadline
-(estimated from earlier runs of the method on the same device, else ``--min-start-s``). A run
-that has not finished never has a file beside the results.
+Unfinished runs live in the work directory, outside the repository (``--work-dir``, default
+``$XDG_CACHE_HOME/adaptive-cl/reproduce/<dataset>``, i.e. ``~/.cache/...``):
+``<setup>-seed<k>/`` holds its ``checkpoint.pt`` (written atomically after every epoch, about
+14 MB on Beauty; 6.4 GB for AdaptiveRec's flattened threshold network and its Adam moments) and
+``train.log``. Nothing large is ever written beside the results; losing the work directory costs
+the unfinished runs only.
+
+Each run is ``python -m adaptive_cl.rec --data ... --method M --preset P --seed K --out
+<work>/<name>``, in its own process, ``--jobs`` at a time. Runs whose result file exists are
+skipped. When the budget is spent (or the invocation is interrupted) the runs still going are
+stopped (SIGINT, so a checkpoint being written stays whole) and the next invocation resumes them
+with ``--resume``: on the CPU bit-identically to an uninterrupted run. A run is started only
+while its first epoch can still end before the deadline (estimated from earlier runs of the
+setup on the same device, else ``--min-start-s``). A run that has not finished never has a file
+beside the results.
 """
 
 from __future__ import annotations
@@ -47,15 +54,26 @@ from . import aggregate, cli
 from .data import FORMATS
 from .environment import describe
 from .atomic import atomic_write_text
-from .train import CHECKPOINT, METHODS, CheckpointError, read_checkpoint
+from .train import CHECKPOINT, CheckpointError, read_checkpoint
 
-PRIORITY = aggregate.ORDER  # the issue's table: these methods' seeds run first
+#: setup name -> (method, preset) (train.TrainConfig.preset_fields says what a preset sets).
+SETUPS = {
+    "sasrec": ("sasrec", "release"),
+    "duorec": ("duorec", "release"),
+    "duorec-paper": ("duorec", "paper"),  # the DuoRec row of AdaptiveRec's Table 1
+    "adaptiverec": ("adaptiverec", "paper"),
+    "cl4srec": ("cl4srec", "release"),
+    "rcl": ("rcl", "release"),
+    "mclrec": ("mclrec", "release"),
+}
+#: Seed 0 of these first, then the paired claim's other seeds (PAIRED_FIRST), then the rest.
+PRIORITY = aggregate.ORDER
+PAIRED_FIRST = ("duorec-paper", "adaptiverec")
 SEEDS = (0, 1, 2)
-PARTIAL = "partial"
 LOG, SEGMENTS, FAILED = "train.log", "segments.json", "failed.json"
 #: Flags the plan sets for every run; passing them in the training arguments is an error.
-PLAN_FLAGS = ("--data", "--format", "--method", "--seed", "--out", "--resume", "--device",
-              "--no-progress")
+PLAN_FLAGS = ("--data", "--format", "--method", "--preset", "--seed", "--out", "--resume",
+              "--device", "--no-progress")
 #: Without measurements: a GPU run's allowance for the CUDA context and allocator slack, and its
 #: memory when no earlier run on the device recorded a peak. Only used to cap --jobs auto.
 CONTEXT_MIB, DEFAULT_RUN_MIB = 1024, 4096
@@ -68,38 +86,59 @@ ARCHIVE_PART_BYTES = 15 * 2**20  # the device tool returns files of at most 16 M
 @dataclass(frozen=True)
 class Run:
     dataset: str
-    method: str
+    setup: str
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+        return f"{self.setup}-seed{self.seed}"
+
+    @property
+    def method(self) -> str:
+        return SETUPS[self.setup][0]
+
+    @property
+    def preset(self) -> str:
+        return SETUPS[self.setup][1]
 
 
 def dataset_name(data: Path | None) -> str:
     return "synthetic" if data is None else data.stem.lower()
 
 
-def default_methods() -> list[str]:
-    """Every method the package offers, the issue's table first."""
-    return [m for m in PRIORITY if m in METHODS] + [m for m in METHODS if m not in PRIORITY]
+def default_work_root(dataset: str) -> Path:
+    """Where unfinished runs live unless ``--work-dir`` says: the user's cache, outside any
+    repository."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adaptive-cl" / "reproduce" / dataset
 
 
-def make_plan(dataset: str, methods: Sequence[str] | None = None,
+def default_setups() -> list[str]:
+    """Every setup, the issue's table first."""
+    return [m for m in PRIORITY if m in SETUPS] + [m for m in SETUPS if m not in PRIORITY]
+
+
+def make_plan(dataset: str, setups: Sequence[str] | None = None,
               seeds: Sequence[int] = SEEDS) -> list[Run]:
-    """The runs in the order they start: the issue's methods seed by seed (so paired
-    comparisons complete early), then the others seed by seed."""
-    methods = default_methods() if methods is None else list(methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods or len(set(methods)) != len(methods):
-        raise ValueError(f"methods must be distinct names among {METHODS}, got {methods}")
+    """The runs in the order they start: seed 0 of the issue's setups; the other seeds of the
+    paired claim (AdaptiveRec and its DuoRec baseline); the issue's other setups' other seeds;
+    then the remaining setups seed by seed."""
+    setups = default_setups() if setups is None else list(setups)
+    bad = [m for m in setups if m not in SETUPS]
+    if bad or not setups or len(set(setups)) != len(setups):
+        raise ValueError(f"setups must be distinct names among {tuple(SETUPS)}, got {setups}")
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds) or any(
             isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be distinct integers >= 0, got {seeds}")
-    first = [m for m in PRIORITY if m in methods]
-    rest = [m for m in methods if m not in PRIORITY]
-    return [Run(dataset, m, s) for group in (first, rest) for s in seeds for m in group]
+    first = [m for m in PRIORITY if m in setups]
+    paired = [m for m in PAIRED_FIRST if m in first]
+    rest = [m for m in setups if m not in PRIORITY]
+    order = [(m, seeds[0]) for m in first]
+    order += [(m, s) for s in seeds[1:] for m in paired]
+    order += [(m, s) for s in seeds[1:] for m in first if m not in paired]
+    order += [(m, s) for s in seeds for m in rest]
+    return [Run(dataset, m, s) for m, s in order]
 
 
 @dataclass
@@ -112,7 +151,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         self.results = Path(self.out_dir) / self.dataset
-        self.work = Path(self.work_root) if self.work_root else self.results / PARTIAL
+        self.work = Path(self.work_root) if self.work_root else default_work_root(self.dataset)
 
     def result(self, run: Run) -> Path:
         return self.results / f"{run.name}.json"
@@ -145,7 +184,7 @@ class Estimate:
 
 
 def estimates(records: dict[tuple[str, int], dict], device_name: str) -> dict[str, Estimate]:
-    """Per method, medians over its finished runs on ``device_name``."""
+    """Per setup, medians over its finished runs on ``device_name``."""
     per_method: dict[str, tuple[list[float], list[float]]] = {}
     for (method, _), r in records.items():
         if r.get("device_name") != device_name or not r.get("segments"):
@@ -241,7 +280,8 @@ class Runner:
             argv += ["--data", str(self.data)]
             if self.data_format != "auto":
                 argv += ["--format", self.data_format]
-        argv += ["--method", run.method, "--seed", str(run.seed), "--device", self.device,
+        argv += ["--method", run.method, "--preset", run.preset, "--seed", str(run.seed),
+                 "--device", self.device,
                  "--out", str(self.layout.work_dir(run)), "--no-progress"]
         if "--threads" not in self.train_args:  # the runs share the CPUs
             argv += ["--threads", str(max(_usable_cpus() // self.jobs, 1))]
@@ -267,7 +307,7 @@ class Runner:
     def fits(self, run: Run) -> tuple[bool, str]:
         """Can ``run`` still finish its next epoch before the deadline?"""
         left = self.remaining()
-        estimate = self.estimates.get(run.method)
+        estimate = self.estimates.get(run.setup)
         need = self.min_start_s if estimate is None else estimate.overhead_s + estimate.epoch_s
         what = ("no estimate" if estimate is None else
                 f"{estimate.overhead_s:.0f} s to start + {estimate.epoch_s:.1f} s an epoch")
@@ -350,6 +390,7 @@ class Runner:
         info = json.loads((work / "run.json").read_text()) if (work / "run.json").exists() else {}
         record = {
             **results,
+            "setup": run.setup,
             "device_name": info.get("device_name", self.env["device_name"]),
             "torch": info.get("torch", self.env["torch"]),
             "triton": info.get("triton", self.env["triton"]),
@@ -359,6 +400,7 @@ class Runner:
             "peak_memory_mib": info.get("peak_memory_mib"),
             "segments": segments,
         }
+        self.layout.results.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.layout.result(run), json.dumps(record, indent=1))
         shutil.rmtree(work)  # after the result is in place: a crash between leaves both
 
@@ -452,7 +494,7 @@ def unfinished_notes(layout: Layout, plan: Sequence[Run], outcomes: Sequence[Out
             continue
         work = layout.work_dir(run)
         epoch = checkpoint_epoch(work) if work.exists() else None
-        state = ("failed (see partial/" + run.name + "/failed.json)") if (work / FAILED).exists() \
+        state = (f"failed (see {work / FAILED})") if (work / FAILED).exists() \
             else (f"checkpoint at epoch {epoch}" if epoch is not None else "not started")
         outcome = why.get(run)
         detail = f"; last invocation: {outcome.status}" if outcome else ""
@@ -494,12 +536,17 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespac
     p.add_argument("--data", type=Path, help="interaction file (default: the synthetic data)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
                    help="its format (see adaptive-cl-train --help)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help=f"default: all of {', '.join(default_methods())}")
+    p.add_argument("--setups", "--methods", dest="setups", nargs="+", default=None,
+                   metavar="SETUP",
+                   help="runs to plan, each a method under a named configuration: "
+                        + ", ".join(f"{name} ({m}, {preset} preset)"
+                                    for name, (m, preset) in SETUPS.items())
+                        + "; default: all")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), metavar="SEED")
     p.add_argument("--out-dir", type=Path, default=Path("examples/results"))
     p.add_argument("--work-dir", type=Path,
-                   help="unfinished runs (default: OUT_DIR/<dataset>/partial)")
+                   help="unfinished runs (default: ~/.cache/adaptive-cl/reproduce/<dataset>, "
+                        "or under $XDG_CACHE_HOME)")
     p.add_argument("--budget-s", type=_seconds, help="wall-clock limit of this invocation")
     p.add_argument("--reserve-s", type=_seconds, default=30.0,
                    help="kept back from the budget to stop runs, tabulate, archive (30)")
@@ -527,9 +574,9 @@ def parse_args(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespac
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("argument --device: CUDA is not available on this machine")
     try:
-        args.plan = make_plan(dataset_name(args.data), args.methods, args.seeds)
+        args.plan = make_plan(dataset_name(args.data), args.setups, args.seeds)
     except ValueError as err:
-        p.error(f"argument --methods/--seeds: {err}")
+        p.error(f"argument --setups/--seeds: {err}")
     _check_training_arguments(p, args, train_args)
     return args, train_args
 
@@ -538,16 +585,17 @@ def _check_training_arguments(p: argparse.ArgumentParser, args: argparse.Namespa
                               train_args: list[str]) -> None:
     """Parse every method's training command as its runs will, before any run starts: a bad
     argument after ``--`` is one error now, not a failed (and then skipped) run per plan entry."""
-    for method in dict.fromkeys(run.method for run in args.plan):
-        argv = ["--method", method, "--seed", str(args.plan[0].seed), "--device", args.device,
-                "--out", "unused", "--no-progress", *train_args]
+    for setup in dict.fromkeys(run.setup for run in args.plan):
+        method, preset = SETUPS[setup]
+        argv = ["--method", method, "--preset", preset, "--seed", str(args.plan[0].seed),
+                "--device", args.device, "--out", "unused", "--no-progress", *train_args]
         if args.data is not None:
             argv += ["--data", str(args.data)] + ([] if args.format == "auto"
                                                   else ["--format", args.format])
         try:
             cli.build_config(cli.parse_args(argv))
         except cli.CLIError as err:
-            p.error(f"arguments after -- (for --method {method}; --methods narrows the plan): "
+            p.error(f"arguments after -- (for setup {setup}; --setups narrows the plan): "
                     f"{err}")
 
 

@@ -13,8 +13,8 @@ width of the exact percentile):
 - ``"batch_mean"`` (the released AdaptiveRec code): the mean of the per-batch percentiles, each
   from its batch's histogram.
 
-Thresholds: ``StatisticalSimThres`` uses the previous epoch's k_stat (0 before the first
-epoch); ``LearnableSimThres`` wraps a network g (``ThresholdNet``, any batch size, or the
+Thresholds: ``StatisticalSimThres`` uses the previous epoch's k_stat (in the first epoch, the
+running statistic of the epoch's batches so far, by default); ``LearnableSimThres`` wraps a network g (``ThresholdNet``, any batch size, or the
 authors' ``FlattenedThresholdNet``) regularised towards k_stat from the second epoch on.
 """
 
@@ -31,6 +31,10 @@ from ..contract import MAX_STATS_BINS
 from ..stats import histogram_percentile, similarity_histogram
 
 KSTAT_METHODS = ("pooled", "batch_mean")
+#: StatisticalSimThres' first epoch, before any statistic exists.
+KSTAT_STARTS = ("running", "none", "zero")
+#: FlattenedThresholdNet's initialisations: nn.Linear's, or the release's N(0, 0.02).
+THRESHOLD_INITS = ("default", "normal")
 #: Thresholds are scaled to (-1.05, 1.05): slightly beyond the cosine range, so g can switch
 #: positives fully off (k > 1) or make every candidate positive (k < -1).
 THRESHOLD_RANGE = 1.05
@@ -139,6 +143,13 @@ class SimilarityStats:
             return float(self.batch_sum) / self.num_batches
         return float(histogram_percentile(self.counts, self.q))
 
+    def running(self, method: str = "pooled") -> torch.Tensor:
+        """The statistic of the batches recorded so far, as a 0-d device tensor (no host
+        sync); needs at least one batch."""
+        if method == "batch_mean":
+            return (self.batch_sum / self.num_batches).float()
+        return histogram_percentile(self.counts, self.q).float()
+
     def histogram(self, bins: int = 64) -> list[int]:
         """The epoch's counts coarsened to ``bins`` equal bins on [-1, 1] (for plots)."""
         if self.bins % bins:
@@ -156,27 +167,53 @@ class SimilarityStats:
 
 
 class StatisticalSimThres:
-    """k for epoch e = k_stat of epoch e - 1; 0 before the first epoch (AdaptiveRec 3.2.1)."""
+    """k for epoch e = k_stat of epoch e - 1. Before the first statistic exists (epoch 1),
+    ``start`` decides:
 
-    def __init__(self) -> None:
-        self.k = 0.0
+    - ``"running"`` (the training default): the same statistic over the batches of this epoch
+      seen so far (read on the device from the epoch's :class:`SimilarityStats`, no host
+      sync), and no extra positives for the very first batch;
+    - ``"none"`` (the class default, which needs no statistics): no extra positives (k = 1: no
+      cosine exceeds it) for the whole first epoch;
+    - ``"zero"``: k = 0 (the paper's "0 before the first epoch"; at initialisation the 90th
+      percentile of candidate cosines is about 0.8, so most candidates become positives).
+    """
+
+    def __init__(self, start: str = "none", stats: SimilarityStats | None = None,
+                 method: str = "pooled") -> None:
+        if start not in KSTAT_STARTS:
+            raise ValueError(f"start must be one of {KSTAT_STARTS}, got {start!r}")
+        if start == "running" and stats is None:
+            raise ValueError("start='running' needs the epoch's SimilarityStats")
+        if method not in KSTAT_METHODS:
+            raise ValueError(f"method must be one of {KSTAT_METHODS}, got {method!r}")
+        self.start = start
+        self.stats = stats
+        self.method = method
+        self.updated = False
+        self.k = 0.0 if start == "zero" else 1.0
         self._tensor: torch.Tensor | None = None
 
     def update(self, k_stat: float) -> None:
         self.k = float(k_stat)
+        self.updated = True
         self._tensor = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.updated and self.start == "running" and self.stats.num_batches:
+            return self.stats.running(self.method).to(h.device)
         # One fill per epoch, not one per step.
         if self._tensor is None or self._tensor.device != h.device:
             self._tensor = torch.full((), self.k, device=h.device)
         return self._tensor
 
     def state_dict(self) -> dict:
-        return {"k": self.k}
+        return {"k": self.k, "updated": self.updated}
 
     def load_state_dict(self, state: dict) -> None:
-        self.update(state["k"])
+        self.k = float(state["k"])
+        self.updated = bool(state.get("updated", True))
+        self._tensor = None
 
 
 class ThresholdNet(nn.Module):
@@ -204,18 +241,30 @@ class FlattenedThresholdNet(nn.Module):
     Linear(-> B) -> sigmoid, scaled to (-1.05, 1.05).
 
     Faithful but costly: B*H*B*H/8 weights (537M at B=1024, H=64) and a fixed batch size, so
-    a run using it must drop the partial last batch.
+    a run using it must drop the partial last batch. ``init="normal"`` draws the weights from
+    N(0, 0.02) with zero biases (the release, RecBole's initialisation); ``"default"`` keeps
+    ``nn.Linear``'s.
+
+    The first layer is applied as ``W @ x`` (a column), so its weight gradient is produced in
+    ``W``'s own layout: ``x @ W.T`` would produce the transpose and cost a copy of all B*H*B*H/8
+    gradients every step (a sixth of a CPU step at B=1024).
     """
 
-    def __init__(self, batch_size: int, hidden: int) -> None:
+    def __init__(self, batch_size: int, hidden: int, init: str = "default") -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if init not in THRESHOLD_INITS:
+            raise ValueError(f"init must be one of {THRESHOLD_INITS}, got {init!r}")
         width = max(batch_size * hidden // 8, 1)
         self.batch_size = batch_size
         self.hidden = hidden
         self.net = nn.Sequential(nn.Linear(batch_size * hidden, width),
                                  nn.Linear(width, batch_size))
+        if init == "normal":
+            for layer in self.net:
+                nn.init.normal_(layer.weight, 0.0, 0.02)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape != (self.batch_size, self.hidden):
@@ -224,7 +273,9 @@ class FlattenedThresholdNet(nn.Module):
                 f"{self.hidden}), got {tuple(h.shape)}; drop the partial last batch "
                 f"(drop_last=True) or use ThresholdNet, which takes any batch size"
             )
-        s = torch.sigmoid(self.net(h.reshape(1, -1)).squeeze(0))
+        first, second = self.net
+        hidden = torch.addmm(first.bias[:, None], first.weight, h.reshape(-1, 1))
+        s = torch.sigmoid(second(hidden.T).squeeze(0))
         return THRESHOLD_RANGE * (2.0 * s - 1.0)
 
 

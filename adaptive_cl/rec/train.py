@@ -40,7 +40,7 @@ import torch
 
 from ..backends import BACKENDS
 from .atomic import atomic_save
-from .augment import Augmenter
+from .augment import MASK_IDS, Augmenter
 from .data import LeaveOneOutSplit
 from .ddp import DataParallel
 from .mclrec import REGULARIZERS, UPDATES, MCLRecObjective
@@ -61,6 +61,8 @@ from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from ..contract import MAX_STATS_BINS
 from .simthres import (
     KSTAT_METHODS,
+    KSTAT_STARTS,
+    THRESHOLD_INITS,
     FlattenedThresholdNet,
     LearnableSimThres,
     SimilarityStats,
@@ -72,8 +74,10 @@ METHODS = ("sasrec", "cl4srec", "duorec", "adaptiverec", "rcl", "mclrec")
 #: Methods that can take AdaptiveRec's threshold (on top of their own terms for rcl, mclrec).
 THRESHOLDED = ("adaptiverec", "rcl", "mclrec")
 SIMTHRES = ("none", "statistical", "learnable", "learnable-flat")
-PRESETS = ("default", "paper")
-SCHEDULES = ("constant", "cosine")
+PRESETS = ("default", "paper", "release")
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+#: Validation metrics early stopping may watch (DuoRec and MCLRec release: MRR@10).
+STOP_METRICS = ("NDCG@10", "MRR@10", "Recall@10")
 SIMILARITIES = ("auto", "cos", "dot")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 CHECKPOINT = "checkpoint.pt"
@@ -82,17 +86,39 @@ RESUMABLE_CHANGES = ("epochs", "patience", "progress", "record_histograms", "com
                      "compile_mode")
 HISTOGRAM_BINS = 64
 
-#: What the "paper" preset changes: the released AdaptiveRec configuration (README: protocol).
+#: What the "paper" preset changes: the released AdaptiveRec configuration (its ``seq.yaml``;
+#: README: "Presets"), for AdaptiveRec and for the DuoRec baseline of its Table 1.
 PAPER_PRESET = dict(
     batch_size=1024,
     drop_last=True,
-    lr_schedule="cosine",
+    lr_schedule="warmup-cosine",
+    warmup_epochs=5,
+    lr_floor=1e-4,
+    similarity="cos",
+)
+#: On top of PAPER_PRESET for adaptiverec: its threshold as released.
+PAPER_ADAPTIVEREC = dict(
     simthres="learnable-flat",
+    threshold_init="normal",
+    threshold_detach=False,
     reg_squared=False,
     denominator="all",
     weighting="normalized",
     kstat_method="batch_mean",
 )
+
+#: The "release" preset: each method as its authors' released code configures it.
+RELEASE_PRESETS = {
+    "sasrec": dict(),  # RecBole's SASRec: the default protocol
+    "duorec": dict(similarity="dot", batch_size=256, epochs=50, stop_metric="MRR@10"),
+    "cl4srec": dict(similarity="dot"),  # as in the DuoRec repository
+    "adaptiverec": {**PAPER_PRESET, **PAPER_ADAPTIVEREC},
+    "mclrec": dict(mclrec_regularizer="code", mask_id="padding", stop_metric="MRR@10",
+                   batch_size=256, epochs=100),
+    # No released full-ranking code: the paper's 2-gram similarity; tau and lambda stay the
+    # protocol's unless set (--temperature, --cl-weight).
+    "rcl": dict(rcl_ngram=2),
+}
 
 #: Per-method defaults that ``from_preset`` applies unless the preset or a caller sets them:
 #: RCL and MCLRec run without a threshold (their papers' losses) and MCLRec with its own
@@ -153,6 +179,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    warmup_epochs: int = 5  # "warmup-cosine": linear warm-up from lr_floor over these epochs
+    lr_floor: float = 1e-4  # "warmup-cosine": where the warm-up starts and the cosine ends
     max_len: int = 50
     hidden: int = 64
     layers: int = 2
@@ -171,12 +199,16 @@ class TrainConfig:
     kstat_method: str = "pooled"
     kstat_percentile: float = 0.9
     kstat_bins: int = 2048
+    kstat_start: str = "running"  # statistical SimThres before any k_stat (simthres.py)
     reg_weight: float = 0.1
     reg_squared: bool = False
     threshold_width: int = 64
+    threshold_init: str = "default"  # learnable-flat: nn.Linear's, or "normal" N(0, 0.02)
+    threshold_detach: bool = True  # g sees detached representations (False: as released)
     crop: float = 0.6
     mask: float = 0.3
     reorder: float = 0.6
+    mask_id: str = "token"  # the mask augmentation's id: a dedicated token or the padding id
     # RCL (rcl.py): lambda is cl_weight, tau is temperature.
     rcl_alpha: float = 0.05  # top fraction of similar training histories kept per user
     rcl_ngram: int = 1  # 1: Jaccard over items; 2: over consecutive pairs (the paper's table)
@@ -190,6 +222,7 @@ class TrainConfig:
     mclrec_update: str = "alternating"  # or "joint" (one step; a deviation)
     max_batches: int | None = None  # cap on batches per epoch (smoke tests), None = all
     patience: int = 10
+    stop_metric: str = "NDCG@10"  # validation metric of early stopping and the best epoch
     eval_batch_size: int = 1024
     mask_history: bool = False
     ties: str = "pessimistic"  # metrics.ranks_from_scores: a tie never helps the target
@@ -204,14 +237,33 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
-        """The ``"default"`` (the protocol) or ``"paper"`` (released AdaptiveRec) configuration,
-        with ``overrides`` applied on top."""
+    def preset_fields(cls, preset: str, method: str) -> dict:
+        """What ``preset`` sets for ``method`` (README, "Presets"): ``"default"`` the
+        protocol; ``"paper"`` the released AdaptiveRec configuration (for ``adaptiverec``, and
+        for ``duorec`` as the DuoRec row of AdaptiveRec's Table 1); ``"release"`` each method's
+        own released configuration."""
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
-        base = dict(METHOD_DEFAULTS.get(overrides.get("method", cls.method), {}))
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        base = dict(METHOD_DEFAULTS.get(method, {}))
         if preset == "paper":
+            if method not in ("adaptiverec", "duorec"):
+                raise ValueError(f"preset 'paper' is AdaptiveRec's released configuration, for "
+                                 f"adaptiverec and its duorec baseline, not {method}; use "
+                                 f"preset 'release' for {method}'s own")
             base.update(PAPER_PRESET)
+            if method == "adaptiverec":
+                base.update(PAPER_ADAPTIVEREC)
+        elif preset == "release":
+            base.update(RELEASE_PRESETS[method])
+        return base
+
+    @classmethod
+    def from_preset(cls, preset: str = "default", **overrides) -> TrainConfig:
+        """The configuration of ``preset`` (see :meth:`preset_fields`) with ``overrides``
+        applied on top."""
+        base = cls.preset_fields(preset, overrides.get("method", cls.method))
         config = cls(**{**base, **overrides, "preset": preset})
         config.validate()
         return config
@@ -232,7 +284,9 @@ class TrainConfig:
                        lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
                        denominator=("negatives", "all"), weighting=("normalized", "unit"),
                        threshold=("hard", "soft"), ties=TIES, compile_mode=COMPILE_MODES,
-                       rcl_ngram=NGRAMS, rcl_weighting=RCL_WEIGHTINGS,
+                       rcl_ngram=NGRAMS, rcl_weighting=RCL_WEIGHTINGS, mask_id=MASK_IDS,
+                       kstat_start=KSTAT_STARTS, threshold_init=THRESHOLD_INITS,
+                       stop_metric=STOP_METRICS,
                        mclrec_regularizer=REGULARIZERS, mclrec_update=UPDATES,
                        loss_backend=BACKENDS)
         for name, allowed in choices.items():
@@ -240,11 +294,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "max_len", "hidden", "layers", "heads", "inner",
                      "kstat_bins", "threshold_width", "patience", "eval_batch_size",
-                     "holdout_size"):
+                     "holdout_size", "warmup_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr", "temperature", "threshold_scale"):
+        for name in ("lr", "temperature", "threshold_scale", "lr_floor"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 < self.rcl_alpha <= 1:
@@ -261,6 +315,12 @@ class TrainConfig:
         for name in ("kstat_percentile", "crop", "mask", "reorder"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.lr_schedule == "warmup-cosine" and not self.lr_floor <= self.lr:
+            raise ValueError(f"lr_floor must be <= lr for the warmup-cosine schedule, got "
+                             f"lr_floor={self.lr_floor!r}, lr={self.lr!r}")
+        if self.mask_id == "padding" and self.method not in ("cl4srec", "mclrec"):
+            raise ValueError(f"mask_id='padding' only applies to cl4srec and mclrec (their mask "
+                             f"augmentation), not {self.method}")
         if self.simthres == "learnable-flat" and not self.drop_last:
             raise ValueError("simthres='learnable-flat' has a fixed batch size: set drop_last=True")
         if self.kstat_bins & (self.kstat_bins - 1) or self.kstat_bins > MAX_STATS_BINS:
@@ -283,6 +343,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The per-epoch schedule of ``config.lr_schedule`` (None for ``"constant"``), stepped once
+    after every epoch, so epoch e (from 0) trains at lr_e:
+
+    - ``"cosine"``: ``CosineAnnealingLR`` over ``epochs``, down to 0;
+    - ``"warmup-cosine"`` (AdaptiveRec's release, timm's ``CosineLRScheduler`` with
+      ``warmup_t=W, warmup_lr_init=lr_min=lr_floor, t_initial=epochs``): lr_e = floor + (lr -
+      floor) e / W while e < W, then floor + (lr - floor) (1 + cos(pi e / epochs)) / 2.
+    """
+    c = config
+    if c.lr_schedule == "constant":
+        return None
+    if c.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs)
+    floor = c.lr_floor / c.lr
+
+    def factor(e: int) -> float:
+        if e < c.warmup_epochs:
+            return floor + (1.0 - floor) * e / c.warmup_epochs
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(e, c.epochs) / c.epochs))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class CheckpointError(ValueError):
@@ -399,7 +483,8 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
         self.model = SASRec(
-            split.num_items, split.max_len, mask_token=config.method in ("cl4srec", "mclrec"),
+            split.num_items, split.max_len,
+            mask_token=config.method in ("cl4srec", "mclrec") and config.mask_id == "token",
             hidden=config.hidden, layers=config.layers, heads=config.heads, inner=config.inner,
             dropout=config.dropout, attn_dropout=config.attn_dropout,
         ).to(self.device)
@@ -410,6 +495,7 @@ class Trainer:
             torch.compile(self.model, dynamic=False, mode=config.compile_mode)
             if config.compile else self.model
         )
+        self.stats = SimilarityStats(config.kstat_percentile, config.kstat_bins, self.device)
         self.objective = self._build_objective().to(self.device)
         # An objective with optimizers of its own (MCLRec's augmenters) names what remains.
         objective_params = getattr(self.objective, "main_parameters", self.objective.parameters)
@@ -419,11 +505,7 @@ class Trainer:
             # One kernel for every parameter instead of several per parameter.
             fused=True if self.device.type in ("cuda", "cpu") else None,
         )
-        self.scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
-            if config.lr_schedule == "cosine" else None
-        )
-        self.stats = SimilarityStats(config.kstat_percentile, config.kstat_bins, self.device)
+        self.scheduler = lr_scheduler(self.optimizer, config)
 
         self._eval_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_inputs = split.train_inputs.to(self.device)
@@ -462,7 +544,7 @@ class Trainer:
         if c.method == "sasrec":
             return SASRecObjective()
         if c.method == "cl4srec":
-            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder)
+            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder, c.mask_id)
             return CL4SRecObjective(augmenter, c.cl_weight, c.temperature, c.loss_backend)
         if c.method == "duorec":
             return DuoRecObjective(c.contrast, c.cl_weight, c.temperature, c.normalize,
@@ -477,7 +559,7 @@ class Trainer:
                 return RCLObjective(weak, self.split.train_inputs,
                                     self.split.same_target.size > 1, term, c.cl_weight,
                                     c.rcl_weighting, c.rcl_weight_power)
-            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder)
+            augmenter = Augmenter(self.split.num_items, c.crop, c.mask, c.reorder, c.mask_id)
             return MCLRecObjective(c.hidden, augmenter, term, c.mclrec_lambda, c.mclrec_beta,
                                    c.mclrec_reg_weight, c.mclrec_regularizer, c.mclrec_update,
                                    c.lr, c.weight_decay)
@@ -489,13 +571,14 @@ class Trainer:
     def _build_simthres(self) -> StatisticalSimThres | LearnableSimThres | None:
         c = self.config
         if c.simthres == "statistical":
-            return StatisticalSimThres()
+            return StatisticalSimThres(c.kstat_start, self.stats, c.kstat_method)
         if c.simthres == "learnable":
             return LearnableSimThres(ThresholdNet(c.hidden, c.threshold_width), c.reg_weight,
-                                     c.reg_squared)
+                                     c.reg_squared, c.threshold_detach)
         if c.simthres == "learnable-flat":
-            return LearnableSimThres(FlattenedThresholdNet(c.batch_size, c.hidden), c.reg_weight,
-                                     c.reg_squared)
+            return LearnableSimThres(
+                FlattenedThresholdNet(c.batch_size, c.hidden, c.threshold_init), c.reg_weight,
+                c.reg_squared, c.threshold_detach)
         return None
 
     @property
@@ -757,7 +840,7 @@ class Trainer:
             simthres = self.simthres
             if simthres is not None and "k_stat_pooled" in row:
                 simthres.update(row[f"k_stat_{c.kstat_method}"])
-            metric = row["valid"]["NDCG@10"]
+            metric = row["valid"][c.stop_metric]
             if metric > self.best_metric:
                 self.best_metric, self.best_epoch, self.bad_epochs = metric, self.epoch + 1, 0
                 self.best_state = copy.deepcopy(self.model.state_dict())

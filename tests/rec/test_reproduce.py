@@ -14,7 +14,7 @@ import torch
 
 from adaptive_cl.rec import aggregate, reproduce
 from adaptive_cl.rec.published import PUBLISHED
-from adaptive_cl.rec.reproduce import Estimate, Layout, Run, Runner, make_plan
+from adaptive_cl.rec.reproduce import SETUPS, Estimate, Layout, Run, Runner, make_plan
 from adaptive_cl.rec.synthetic import make_synthetic
 from adaptive_cl.rec.train import CHECKPOINT, METHODS
 from helpers import write_sequence_file
@@ -27,26 +27,38 @@ RESULT_KEYS = ["method", "dataset", "preset", "valid", "test", "epochs", "train_
 TINY = ["--max-len", "10", "--batch-size", "128", "--threads", "1"]
 
 
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    """Unfinished runs go to the user's cache by default: a private one per test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = make_synthetic(num_users=200, num_items=40, mean_length=8.0)
     return write_sequence_file(tmp_path_factory.mktemp("data") / "tiny.txt", d)
 
 
-def test_plan_reads_the_methods_from_the_package():
+def test_plan_covers_every_method_in_named_setups():
     plan = make_plan("beauty")
     assert {r.method for r in plan} == set(METHODS) and {r.seed for r in plan} == {0, 1, 2}
-    assert len(plan) == len(set(plan)) == 3 * len(METHODS)
-    # The issue's table first, seed by seed, so paired comparisons complete early.
-    assert [r.name for r in plan[:6]] == ["sasrec-seed0", "duorec-seed0", "adaptiverec-seed0",
-                                         "sasrec-seed1", "duorec-seed1", "adaptiverec-seed1"]
-    assert plan[9:] == [Run("beauty", m, s) for s in (0, 1, 2) for m in METHODS
-                        if m not in reproduce.PRIORITY]
+    assert len(plan) == len(set(plan)) == 3 * len(SETUPS)
+    # Seed 0 of the issue's table, then the paired claim's other seeds, then the rest.
+    assert [r.name for r in plan[:8]] == [
+        "sasrec-seed0", "duorec-seed0", "duorec-paper-seed0", "adaptiverec-seed0",
+        "duorec-paper-seed1", "adaptiverec-seed1", "duorec-paper-seed2", "adaptiverec-seed2"]
+    assert plan[12:] == [Run("beauty", m, s) for s in (0, 1, 2) for m in SETUPS
+                         if m not in reproduce.PRIORITY]
+    assert (plan[4].method, plan[4].preset) == ("duorec", "paper")
+    assert (plan[3].method, plan[3].preset) == ("adaptiverec", "paper")
+    assert all(r.preset == "release" for r in plan if r.method not in ("adaptiverec", "duorec")
+               or r.setup == "duorec")
     assert make_plan("x", ["duorec"], [5]) == [Run("x", "duorec", 5)]
-    for methods, seeds in ((["bert4rec"], [0]), (["sasrec", "sasrec"], [0]), (["sasrec"], []),
-                           (["sasrec"], [0, 0]), (["sasrec"], [-1])):
-        with pytest.raises(ValueError, match="methods|seeds"):
-            make_plan("x", methods, seeds)
+    for setups, seeds in ((["bert4rec"], [0]), (["sasrec", "sasrec"], [0]), (["sasrec"], []),
+                          (["sasrec"], [0, 0]), (["sasrec"], [-1])):
+        with pytest.raises(ValueError, match="setups|seeds"):
+            make_plan("x", setups, seeds)
     assert reproduce.dataset_name(Path("data/Beauty.txt")) == "beauty"
     assert reproduce.dataset_name(None) == "synthetic"
 
@@ -78,11 +90,14 @@ def test_estimates_come_from_runs_on_the_same_device():
     assert reproduce.estimates(records, "H100") == {}
 
 
-def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data, tmp_path):
+def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data, tmp_path,
+                                                                             cache):
     out = tmp_path / "results"
     train_args = ["--epochs", "50", "--lr", "1e-12", "--patience", "3", *TINY]
     plan = make_plan("tiny", ["sasrec", "duorec"], [0])
     layout = Layout(out, "tiny")
+    # Unfinished runs live in the cache, outside the results (and the repository).
+    assert layout.work == cache / "adaptive-cl" / "reproduce" / "tiny"
     checkpoint = layout.work_dir(plan[0]) / CHECKPOINT
     said = []
     # The budget runs out as soon as the first run has checkpointed an epoch: it is stopped
@@ -96,6 +111,7 @@ def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data
     assert 1 <= epoch < 4 and first[0].detail == f"checkpoint at epoch {epoch}"
     assert not layout.result(plan[0]).exists() and not layout.work_dir(plan[1]).exists()
     assert not list(layout.work_dir(plan[0]).glob(".*.tmp"))
+    assert sorted(p.name for p in out.rglob("*")) in ([], ["tiny"])  # nothing unfinished there
     notes = reproduce.unfinished_notes(layout, plan, first)
     assert notes[0].startswith(f"sasrec-seed0: checkpoint at epoch {epoch}")
 
@@ -109,6 +125,7 @@ def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data
         assert record["epochs"] == 4 and len(record["epoch_seconds"]) == 4
         assert record["device_name"].startswith("CPU") and record["torch"] == torch.__version__
         assert record["command"].startswith(f"python -m adaptive_cl.rec --data {data} ")
+        assert record["setup"] == run.setup and f"--preset {run.preset}" in record["command"]
         assert "--resume" not in record["command"] and f"--seed {run.seed}" in record["command"]
     segments = json.loads(layout.result(plan[0]).read_text())["segments"]
     assert [(s["outcome"], s["resumed"]) for s in segments] == [("stopped", False),
@@ -116,6 +133,7 @@ def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data
     assert not layout.work.exists()  # finished runs leave nothing unfinished behind
     readme = (out / "tiny" / "README.md").read_text()
     assert "| sasrec | 0 |" in readme and "| duorec | 0 |" in readme and "Not finished" not in readme
+    assert "| duorec | duorec | release |" in readme  # what each setup ran
     with tarfile.open(tmp_path / "archive" / "results-tiny.tar.gz") as tar:
         assert {"tiny/sasrec-seed0.json", "tiny/duorec-seed0.json",
                 "tiny/README.md"} <= set(tar.getnames())
@@ -126,17 +144,18 @@ def test_budget_stops_runs_which_resume_later_and_finished_runs_are_skipped(data
     assert [o.status for o in again] == ["done before"] * 2 and said == []
 
 
-def test_a_failed_run_is_recorded_and_not_retried_unless_asked(data, tmp_path, capsys):
+def test_a_failed_run_is_recorded_and_not_retried_unless_asked(data, tmp_path, capsys, cache):
     # Arguments that parse (they are checked before any run) but fail once the data is read:
     # the paper preset drops the last partial batch, and this batch is larger than the data.
-    train = ["--", "--epochs", "1", "--preset", "paper", "--batch-size", "100000"]
-    argv = ["--data", str(data), "--methods", "sasrec", "--seeds", "0", "--out-dir",
+    train = ["--", "--epochs", "1", "--batch-size", "100000"]
+    argv = ["--data", str(data), "--setups", "adaptiverec", "--seeds", "0", "--out-dir",
             str(tmp_path), "--jobs", "1", *train]
     assert reproduce.main(argv) == 1
-    failed = json.loads((tmp_path / "tiny" / "partial" / "sasrec-seed0" / "failed.json").read_text())
+    work = cache / "adaptive-cl" / "reproduce" / "tiny" / "adaptiverec-seed0"
+    failed = json.loads((work / "failed.json").read_text())
     assert failed["returncode"] == 2 and any("--batch-size" in line for line in failed["log_tail"])
-    assert not (tmp_path / "tiny" / "sasrec-seed0.json").exists()
-    assert "sasrec-seed0: failed" in (tmp_path / "tiny" / "README.md").read_text()
+    assert not (tmp_path / "tiny" / "adaptiverec-seed0.json").exists()
+    assert "adaptiverec-seed0: failed" in (tmp_path / "tiny" / "README.md").read_text()
     assert reproduce.main(argv) == 0
     assert "failed before" in capsys.readouterr().out
     assert reproduce.main([*argv[:-len(train)], "--retry-failed", *train]) == 1
@@ -154,14 +173,15 @@ def _record(method, seed, ndcg10, recall10, device="H200"):
 
 
 def test_aggregation_table_paired_differences_and_published_numbers(tmp_path):
-    ndcg = {("sasrec", 0): .030, ("sasrec", 1): .028, ("duorec", 0): .040, ("duorec", 1): .044,
-            ("duorec", 2): .042, ("adaptiverec", 0): .043, ("adaptiverec", 1): .047,
-            ("adaptiverec", 3): .050}
+    # AdaptiveRec pairs with DuoRec under its own release configuration (duorec-paper).
+    ndcg = {("sasrec", 0): .030, ("sasrec", 1): .028, ("duorec-paper", 0): .040,
+            ("duorec-paper", 1): .044, ("duorec-paper", 2): .042, ("adaptiverec", 0): .043,
+            ("adaptiverec", 1): .047, ("adaptiverec", 3): .050, ("duorec", 0): .1}
     results = tmp_path / "beauty"
     results.mkdir()
-    for (method, seed), value in ndcg.items():
-        (results / f"{method}-seed{seed}.json").write_text(
-            json.dumps(_record(method, seed, value, 2 * value)))
+    for (setup, seed), value in ndcg.items():
+        record = _record(setup.split("-")[0], seed, value, 2 * value)
+        (results / f"{setup}-seed{seed}.json").write_text(json.dumps({**record, "setup": setup}))
     (results / "notes.txt").write_text("not a result")
     path = aggregate.write_report(results, "beauty", command="reproduce.py --data Beauty.txt",
                                   unfinished=["sasrec-seed2: checkpoint at epoch 7"])
@@ -170,9 +190,14 @@ def test_aggregation_table_paired_differences_and_published_numbers(tmp_path):
     row = next(line for line in readme.splitlines() if line.startswith("| adaptiverec | 0, 1, 3 |"))
     assert f"{statistics.fmean(ada):.4f} ± {statistics.stdev(ada):.4f}" in row
     diffs = [.043 - .040, .047 - .044]  # seeds 0 and 1 only: DuoRec has no seed 3
-    assert f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (n=2)" in row
-    duo = next(line for line in readme.splitlines() if line.startswith("| duorec |"))
+    assert f"{statistics.fmean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (n=2, vs duorec-paper)" in row
+    duo = next(line for line in readme.splitlines() if line.startswith("| duorec | 0 |"))
     assert duo.endswith("| — | — |")  # no difference of DuoRec to itself
+    base = next(line for line in readme.splitlines() if line.startswith("| duorec-paper | 0, 1, 2 |"))
+    assert f"{.040 - .1:+.4f} (n=1, vs duorec)" in base
+    # The paper's DuoRec row stands beside the duorec-paper setup.
+    assert any(line.startswith("| duorec-paper | published [adaptiverec-paper]") and "0.0421" in line
+               for line in readme.splitlines())
     # The paper's AdaptiveRec row beside ours, and by how much ours differs from it.
     paper = next(p for p in PUBLISHED["beauty"]
                  if p.method == "adaptiverec" and p.source == "adaptiverec-paper")
@@ -220,7 +245,8 @@ def test_archive_splits_into_parts_that_join_back(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["--jobs", "0"], "--jobs"),
     (["--budget-s", "-5"], "--budget-s"),
-    (["--methods", "bert4rec"], "--methods"),
+    (["--setups", "bert4rec"], "--setups"),
+    (["--", "--preset", "paper"], "--preset"),
     (["--data", "/nonexistent.txt"], "--data"),
     (["--device", "gpu9"], "--device"),
     (["--", "--method", "sasrec"], "--method"),
@@ -251,10 +277,10 @@ def test_training_arguments_are_checked_before_any_run(argv, message, tmp_path, 
 
 def test_the_example_script_is_a_thin_wrapper(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "reproduce.py"), "--dry-run",
-                           "--out-dir", str(tmp_path), "--methods", "sasrec", "--seeds", "4"],
+                           "--out-dir", str(tmp_path), "--setups", "sasrec", "--seeds", "4"],
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
-    assert "pending       sasrec-seed4: python -m adaptive_cl.rec --method sasrec --seed 4" \
-        in done.stdout
+    assert ("pending       sasrec-seed4: python -m adaptive_cl.rec --method sasrec --preset "
+            "release --seed 4") in done.stdout
     assert not list(tmp_path.iterdir())

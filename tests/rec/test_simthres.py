@@ -10,6 +10,7 @@ from adaptive_cl.rec.simthres import (
     LearnableSimThres,
     SimilarityStats,
     StatisticalSimThres,
+    KSTAT_METHODS,
     ThresholdNet,
     candidate_similarities,
     exact_percentile,
@@ -101,11 +102,40 @@ def test_stats_state_round_trip_and_reset():
 
 
 def test_statistical_simthres_uses_the_previous_epoch():
-    simthres = StatisticalSimThres()
     h = torch.randn(4, 8)
-    assert simthres(h).item() == 0.0
-    simthres.update(0.42)
-    assert simthres(h).item() == pytest.approx(0.42)
+    for start, first in (("none", 1.0), ("zero", 0.0)):
+        simthres = StatisticalSimThres(start)
+        assert simthres(h).item() == first
+        simthres.update(0.42)
+        assert simthres(h).item() == pytest.approx(0.42)
+        again = StatisticalSimThres(start)
+        again.load_state_dict(simthres.state_dict())
+        assert again(h).item() == pytest.approx(0.42)
+    with pytest.raises(ValueError, match="start"):
+        StatisticalSimThres("first")
+    with pytest.raises(ValueError, match="SimilarityStats"):
+        StatisticalSimThres("running")
+
+
+def test_running_start_follows_the_epoch_so_far_then_the_previous_epoch():
+    """Before any k_stat: no extra positives for the first batch, then the statistic of the
+    batches seen so far (pooled or mean of per-batch percentiles), on the device."""
+    torch.manual_seed(0)
+    for method in KSTAT_METHODS:
+        stats = SimilarityStats(q=0.9, bins=2048)
+        simthres = StatisticalSimThres("running", stats, method)
+        h = torch.randn(6, 8)
+        assert simthres(h).item() == 1.0
+        pairs = [(torch.randn(16, 8), torch.randn(16, 8)) for _ in range(3)]
+        for a, b in pairs:
+            stats.update(a, b)
+            k = simthres(h)
+            assert k.dim() == 0 and k.item() == pytest.approx(stats.percentile(method), abs=1e-6)
+        simthres.update(0.3)  # the epoch ended: its statistic from now on
+        stats.reset()
+        assert simthres(h).item() == pytest.approx(0.3)
+        stats.update(*pairs[0])
+        assert simthres(h).item() == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("b", [1, 3, 17, 64])

@@ -42,7 +42,8 @@ def test_short_run_beats_popularity(split):
     for key in ("loss", "ce", "cl", "k", "k_stat_pooled", "k_stat_batch_mean", "uniformity",
                 "alignment", "valid"):
         assert key in row
-    assert results["history"][0]["k"] == 0.0  # statistical SimThres: 0 before the first epoch
+    # Statistical SimThres in the first epoch: the running statistic (k = 1 for the first batch).
+    assert 0.0 < results["history"][0]["k"] < 1.0
     assert results["history"][1]["k"] == pytest.approx(results["history"][0]["k_stat_pooled"])
     json.dumps(results)
 
@@ -158,8 +159,9 @@ def test_flattened_threshold_needs_drop_last():
         config(simthres="learnable-flat")
     paper = TrainConfig.from_preset("paper")
     assert (paper.batch_size, paper.drop_last, paper.lr_schedule, paper.simthres,
-            paper.denominator, paper.kstat_method) == (1024, True, "cosine", "learnable-flat",
-                                                       "all", "batch_mean")
+            paper.denominator, paper.kstat_method, paper.threshold_init,
+            paper.threshold_detach) == (1024, True, "warmup-cosine", "learnable-flat", "all",
+                                        "batch_mean", "normal", False)
     with pytest.raises(ValueError, match="method"):
         config(method="bert4rec")
     with pytest.raises(ValueError, match="preset"):

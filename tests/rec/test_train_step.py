@@ -137,9 +137,12 @@ def test_compiled_training_equals_eager(split):
     for a, b in zip(*rows):
         for key in ("loss", "ce", "cl"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+    # Norm-wise: Adam turns rounding-level differences of near-zero gradient entries into
+    # updates of up to lr each, so single entries may differ by ~lr * 1e-3 while a real
+    # difference in the computation moves the whole tensor.
     for name, value in eager.model.state_dict().items():
-        torch.testing.assert_close(compiled.model.state_dict()[name], value, rtol=1e-4,
-                                   atol=1e-5, msg=name)
+        diff = (compiled.model.state_dict()[name] - value).norm() / value.norm().clamp_min(1e-12)
+        assert diff <= 1e-3, (name, float(diff))
     # The checkpoint holds the plain module's state (no torch.compile prefixes).
     assert set(compiled.state_dict()["model"]) == set(eager.state_dict()["model"])
     # An epoch's partial last batch runs eagerly rather than compiling a graph of its own.
