@@ -12,6 +12,14 @@ the validation users (``Trainer.evaluate``; the first, warm-up one is not counte
 then run under ``torch.cuda.set_sync_debug_mode("error")``: any synchronising call fails the
 check. Medians are judged against the targets.
 
+On a CPU a Beauty epoch takes minutes, so ``--steps K`` times K training steps after the warm-up
+(wall and process CPU time) and estimates the epoch as K-step time per step x steps per epoch
++ one timed evaluation; ``--threads`` sets torch's threads, ``--preset`` the configuration and
+``--code DIR`` imports ``adaptive_cl`` from DIR (an older checkout) to time before / after:
+
+    python benchmarks/train_speed.py --device cpu --data Beauty.txt --steps 12 --threads 1 \
+        --methods sasrec duorec adaptiverec --results-dir benchmarks/results --tag after
+
 Writes ``benchmarks/results/train-<device>-<date>.json`` (``{"records": [...]}``, one record per
 method) and a markdown table beside it; with ``--out DIR`` copies both there. Exit status 0 when
 every judged target passes, 1 otherwise, 2 without CUDA (unless ``--device cpu``, which runs
@@ -31,6 +39,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if "--code" in sys.argv[:-1]:  # before anything imports adaptive_cl
+    ROOT = os.path.abspath(sys.argv[sys.argv.index("--code") + 1])
 sys.path.insert(0, ROOT)
 
 #: Targets on the H200 (issue 14): seconds.
@@ -50,10 +60,12 @@ def measure(method: str, split, args, torch) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     config = TrainConfig.from_preset(
-        "default", method=method, max_len=split.max_len, device=args.device, amp=cuda,
+        args.preset, method=method, max_len=split.max_len, device=args.device, amp=cuda,
         compile=not args.no_compile, compile_mode=args.compile_mode, progress=False,
         epochs=args.epochs, seed=0)
     trainer = Trainer(config, split)
+    if args.steps:
+        return measure_steps(trainer, config, args, torch)
 
     def sync():
         if cuda:
@@ -109,9 +121,52 @@ def measure(method: str, split, args, torch) -> dict:
     }
 
 
+def measure_steps(trainer, config, args, torch) -> dict:
+    """CPU: ``args.steps`` timed steps after two warm-up steps, one timed evaluation; the epoch
+    estimated from them."""
+    from adaptive_cl.rec.environment import describe
+
+    trainer.model.train()
+    trainer.objective.train()
+    batches = trainer._batches()
+    if len(batches) < args.steps + 2:
+        raise SystemExit(f"train_speed: --steps {args.steps} needs {args.steps + 2} batches, "
+                         f"an epoch has {len(batches)}")
+    for idx in batches[:2]:
+        trainer.train_batch(idx)
+    load = os.getloadavg()[0]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for idx in batches[2:2 + args.steps]:
+        trainer.train_batch(idx)
+    wall, cpu = (time.perf_counter() - wall) / args.steps, (time.process_time() - cpu) / args.steps
+    start = time.perf_counter()
+    trainer.evaluate("valid")
+    eval_s = time.perf_counter() - start
+    steps = len(batches)
+    return {
+        "method": method_name(config), "preset": config.preset, **describe(args.device),
+        "threads": torch.get_num_threads(), "code": ROOT, "batch_size": config.batch_size,
+        "steps_per_epoch": steps, "timed_steps": args.steps, "wall_s_per_step": round(wall, 4),
+        "cpu_s_per_step": round(cpu, 4), "eval_s": round(eval_s, 3),
+        "epoch_estimate_s": round(wall * steps + eval_s, 1),
+        "load_average_1min_before": load, "load_average_1min_after": os.getloadavg()[0],
+        "tag": args.tag, "date": _dt.date.today().isoformat(),
+        "command": " ".join(["python3", *sys.argv]),
+    }
+
+
+def method_name(config) -> str:
+    return config.method if config.preset == "default" else f"{config.method} ({config.preset})"
+
+
 def judge(record: dict, cuda: bool) -> list[tuple[str, str, str]]:
     """(what, measured, verdict) rows for one method's record."""
     rows = []
+    if "epoch_estimate_s" in record:  # CPU steps: nothing to judge
+        return [(f"{record['method']} epoch estimate, {record['threads']} thread(s)",
+                 f"{record['epoch_estimate_s']:.0f} s ({record['wall_s_per_step']:.3f} s/step "
+                 f"wall, {record['cpu_s_per_step']:.3f} s CPU; evaluation {record['eval_s']:.1f} s; "
+                 f"load {record['load_average_1min_before']:.1f})", "n/a (CPU)")]
     target = EPOCH_TARGETS.get(record["method"])
     verdict = lambda ok: ("pass" if ok else "FAIL") if cuda else "n/a (CPU)"  # noqa: E731
     epoch = record["epoch_median_s"]
@@ -136,6 +191,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-mode", default="default")
     ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--preset", default="default", help="the training preset (default)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="time this many steps and estimate the epoch (CPU) instead of epochs")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--code", default=None, help="import adaptive_cl from this checkout")
+    ap.add_argument("--tag", default="", help="a label for the record's file name (before/after)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="skip the methods left once this many seconds have passed")
     ap.add_argument("--results-dir", default=None,
@@ -146,6 +207,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("train_speed: no CUDA device: nothing measured, nothing written "
@@ -161,6 +224,8 @@ def main(argv=None) -> int:
     print(f"{data.name}: {split.num_train} training samples, {split.num_eval_users} users; "
           f"{device_name(args.device)}, torch {torch.__version__}", flush=True)
     name = f"train-{slug(device_name(args.device))}-{_dt.date.today().isoformat()}"
+    if args.tag:
+        name += f"-{slug(args.tag)}"
     results_dir = args.results_dir or (os.path.join(HERE, "results") if cuda else None)
     records, rows = [], []
 
@@ -192,7 +257,8 @@ def main(argv=None) -> int:
         record["dataset"] = data.name
         records.append(record)
         rows.extend(judge(record, cuda))
-        print(f"{method}: warm-up {record['warmup_s']:.1f} s, epochs {record['epoch_s']} s, "
+        print(rows[-1][0] + ": " + rows[-1][1] if "epoch_estimate_s" in record else
+              f"{method}: warm-up {record['warmup_s']:.1f} s, epochs {record['epoch_s']} s, "
               f"evaluations {record['eval_s']} s, syncs: {record['host_syncs_in_step']}",
               flush=True)
         write([f"{m} (not yet)" for m in args.methods[i + 1:]])

@@ -41,6 +41,20 @@ def test_train_speed_on_cpu_records_and_judges_nothing(data, tmp_path):
     assert "adaptiverec epoch <= 2.0 s" in table and "pass" not in table and "n/a (CPU)" in table
 
 
+def test_train_speed_cpu_steps_estimate_the_epoch(data, tmp_path):
+    """--steps: K timed steps and one evaluation give an epoch estimate, with the thread count,
+    the preset and the load recorded; the tag keeps before/after records apart."""
+    assert train_speed.main(["--device", "cpu", "--data", str(data), "--methods", "duorec",
+                             "--steps", "1", "--threads", "1", "--max-len", "10", "--tag",
+                             "after 1t", "--results-dir", str(tmp_path)]) == 0
+    [record_file] = tmp_path.glob("train-cpu-*-after-1t.json")
+    [r] = json.loads(record_file.read_text())["records"]
+    assert (r["method"], r["preset"], r["threads"], r["timed_steps"]) == ("duorec", "default", 1, 1)
+    assert r["epoch_estimate_s"] >= r["wall_s_per_step"] * r["steps_per_epoch"] > 0
+    assert r["cpu_s_per_step"] > 0 and "load_average_1min_before" in r
+    assert "epoch estimate, 1 thread(s)" in record_file.with_suffix(".md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_nothing_is_measured(data, tmp_path, capsys):
     assert train_speed.main(["--data", str(data), "--out", str(tmp_path)]) == 2
