@@ -26,6 +26,7 @@ the argument and exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -39,23 +40,13 @@ from .atomic import atomic_write_text
 from .data import FORMATS, DataFormatError, detect_format, leave_one_out, load_dataset
 from .ddp import DataParallel
 from .environment import describe, peak_memory_mib
-from .mclrec import REGULARIZERS, UPDATES
 from .metrics import evaluate_popularity
-from .objectives import CONTRASTS
-from .rcl import NGRAMS
-from .rcl import WEIGHTINGS as RCL_WEIGHTINGS
 from .synthetic import make_synthetic
-from .augment import MASK_IDS
-from .simthres import KSTAT_STARTS, THRESHOLD_INITS
 from .train import (
     CHECKPOINT,
-    COMPILE_MODES,
+    CHECKS,
     METHODS,
     PRESETS,
-    SIMILARITIES,
-    SIMTHRES,
-    STOP_METRICS,
-    THRESHOLDED,
     CheckpointError,
     Trainer,
     TrainConfig,
@@ -104,16 +95,56 @@ _fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 _non_negative = number(float, lambda v: 0 <= v < float("inf"), "finite and >= 0")
 
 
-#: Method-specific flags: (flag, TrainConfig field, the method it belongs to).
-METHOD_FLAGS = (
-    ("--rcl-alpha", "rcl_alpha", "rcl"),
-    ("--rcl-ngram", "rcl_ngram", "rcl"),
-    ("--rcl-weighting", "rcl_weighting", "rcl"),
-    ("--mclrec-update", "mclrec_update", "mclrec"),
-    ("--mclrec-regularizer", "mclrec_regularizer", "mclrec"),
-    ("--mclrec-lambda", "mclrec_lambda", "mclrec"),
-    ("--mclrec-beta", "mclrec_beta", "mclrec"),
-)
+#: TrainConfig fields without a generated flag, and the hand-written flag that sets each.
+EXCLUDED = {
+    "method": "--method",
+    "preset": "--preset",
+    "device": "--device",
+    "seed": "--seed",
+    "compile": "--no-compile",
+    "amp": "--amp",
+    "progress": "--no-progress",
+    "record_histograms": "--plots",
+}
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def generated_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields the CLI generates a flag for (every one outside EXCLUDED)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in EXCLUDED]
+
+
+def _value_type(f: dataclasses.Field):
+    """The argparse ``type`` of a setting: its CHECKS rule as a number parser, else its
+    annotation's type (``int`` for choices of ints)."""
+    kind = {"int": int, "float": float, "str": str}[
+        str(f.type).replace(" | None", "").strip()]
+    check = f.metadata.get("check")
+    if check is None:
+        return kind
+    ok, what = CHECKS[check]
+    return number(kind, ok, what)
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig setting (its help, choices, checks and default from the one
+    declaration in train.py); default None = the preset's or the config's value."""
+    group = p.add_argument_group("training settings (defaults: the protocol, or the preset's)")
+    for f in generated_fields():
+        meta, default = f.metadata, f.default
+        help_text = meta["help"] + ("" if default is None else f" (default: {default})")
+        if meta.get("methods"):
+            help_text += f"; {', '.join(meta['methods'])} only"
+        if f.type in (bool, "bool"):
+            group.add_argument(flag_of(f.name), action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+            continue
+        group.add_argument(flag_of(f.name), type=_value_type(f), choices=meta.get("choices"),
+                           default=None, help=help_text,
+                           metavar=None if meta.get("choices") else f.name.upper())
 
 
 def _device(text: str) -> str:
@@ -152,68 +183,27 @@ MAX_DEFAULT_THREADS = 8
 
 
 def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Namespace:
-    """Parse and cross-check the flags; raises :class:`CLIError` naming the bad one."""
+    """Parse and cross-check the flags; raises :class:`CLIError` naming the bad one. The
+    training settings' flags are generated from :class:`TrainConfig` (:func:`_add_settings`);
+    the flags here are the run's: data, output, device, threads."""
     p = _Parser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="interaction file (default: synthetic data)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     p.add_argument("--method", default="adaptiverec", choices=METHODS)
-    p.add_argument("--contrast", choices=CONTRASTS, help="DuoRec/AdaptiveRec pair (us_x)")
-    p.add_argument("--simthres", choices=SIMTHRES,
-                   help="AdaptiveRec's threshold (adaptiverec default: statistical, paper preset: "
-                        "learnable-flat; rcl and mclrec default: none)")
-    p.add_argument("--rcl-alpha", type=_fraction,
-                   help="RCL: top fraction of similar training histories per user (0.05)")
-    p.add_argument("--rcl-ngram", type=int, choices=NGRAMS,
-                   help="RCL: Jaccard over items (1) or consecutive item pairs (2)")
-    p.add_argument("--rcl-weighting", choices=RCL_WEIGHTINGS,
-                   help="RCL weak-term weights: similarity (Eq. 16), row (released code), none")
-    p.add_argument("--cache-dir", type=Path,
-                   help="cache for RCL's weak positives (default: OUT/cache; none without --out)")
-    p.add_argument("--mclrec-update", choices=UPDATES,
-                   help="MCLRec: alternating encoder/augmenter/encoder steps, or joint (deviation)")
-    p.add_argument("--mclrec-regularizer", choices=REGULARIZERS,
-                   help="MCLRec's R: paper (Eqs. 11-15) or code (per row, three pairs)")
-    p.add_argument("--mclrec-lambda", type=_non_negative, help="MCLRec: weight of L_cl1 (0)")
-    p.add_argument("--mclrec-beta", type=_non_negative, help="MCLRec: weight of L_cl2 (0.05)")
     p.add_argument("--preset", default="default", choices=PRESETS,
                    help="default: the protocol; paper: AdaptiveRec's released configuration "
                         "(adaptiverec, and duorec as its Table 1 baseline); release: each "
                         "method's own released configuration (README: Presets)")
-    p.add_argument("--similarity", choices=SIMILARITIES,
-                   help="of the contrastive term: cos or dot (auto: dot for duorec, cos otherwise)")
-    p.add_argument("--temperature", type=positive(float), help="contrastive tau (1.0)")
-    p.add_argument("--cl-weight", type=_non_negative,
-                   help="weight of the contrastive term, lambda (0.1)")
-    p.add_argument("--stop-metric", choices=STOP_METRICS,
-                   help="validation metric of early stopping and the best epoch (NDCG@10)")
-    p.add_argument("--kstat-start", choices=KSTAT_STARTS,
-                   help="statistical SimThres in the first epoch, before any statistic: running "
-                        "(the epoch's batches so far), none (no extra positives), zero (k = 0)")
-    p.add_argument("--threshold-init", choices=THRESHOLD_INITS,
-                   help="learnable-flat's initialisation: nn.Linear's (default) or normal "
-                        "N(0, 0.02) (paper preset)")
-    p.add_argument("--threshold-detach", action=argparse.BooleanOptionalAction, default=None,
-                   help="feed the threshold network detached representations (default; the "
-                        "paper preset feeds them attached, as released)")
-    p.add_argument("--mask-id", choices=MASK_IDS,
-                   help="cl4srec/mclrec mask augmentation: a dedicated token or the padding id")
+    p.add_argument("--cache-dir", type=Path,
+                   help="cache for RCL's weak positives (default: OUT/cache; none without --out)")
+    p.add_argument("--device", type=_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=_seed, default=TrainConfig.seed)
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the training passes eagerly (default on CUDA: torch.compile)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast on CUDA (default: on with the default preset, off with "
                         "paper and release, which reproduce in float32; never on CPU)")
-    p.add_argument("--epochs", type=positive(int))
-    p.add_argument("--batch-size", type=positive(int))
-    p.add_argument("--lr", type=positive(float))
-    p.add_argument("--max-len", type=positive(int))
-    p.add_argument("--patience", type=positive(int))
-    p.add_argument("--max-batches", type=positive(int),
-                   help="train at most this many batches per epoch (smoke tests)")
-    p.add_argument("--device", type=_device,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=_seed, default=2024)
-    p.add_argument("--no-compile", action="store_true",
-                   help="run the training passes eagerly (default on CUDA: torch.compile)")
-    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile mode ('reduce-overhead' adds CUDA graphs)")
     p.add_argument("--threads", type=positive(int),
                    help=f"CPU threads for PyTorch (default: half the usable CPUs, at most "
                         f"{MAX_DEFAULT_THREADS}; {default_threads()} here)")
@@ -227,6 +217,7 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel over the processes torchrun starts (gloo on CPU, NCCL on "
                         "CUDA: one GPU per process); --batch-size stays the global batch")
+    _add_settings(p)
     args = p.parse_args(argv)
     if args.data is None and args.format != "auto":
         p.error("argument --format: only applies with --data")
@@ -243,16 +234,13 @@ def parse_args(argv: list[str] | None = None, prog: str = PROG) -> argparse.Name
         p.error("argument --plots: needs --out DIR for the figures")
     if args.plots and importlib.util.find_spec("matplotlib") is None:
         p.error("argument --plots: needs matplotlib (pip install 'adaptive-cl[examples]')")
-    if args.simthres is not None and args.method not in THRESHOLDED:
-        p.error(f"argument --simthres: only applies to --method {', '.join(THRESHOLDED)}, "
-                f"not {args.method}")
-    for flag, field, method in METHOD_FLAGS:
-        if getattr(args, field) is not None and args.method != method:
-            p.error(f"argument {flag}: only applies to --method {method}, not {args.method}")
+    for f in generated_fields():
+        methods = f.metadata.get("methods")
+        if methods and getattr(args, f.name) is not None and args.method not in methods:
+            p.error(f"argument {flag_of(f.name)}: only applies to --method "
+                    f"{', '.join(methods)}, not {args.method}")
     if args.cache_dir is not None and args.method != "rcl":
         p.error(f"argument --cache-dir: only applies to --method rcl, not {args.method}")
-    if args.contrast is not None and args.method not in ("duorec", "adaptiverec"):
-        p.error(f"argument --contrast: only applies to duorec and adaptiverec, not {args.method}")
     return args
 
 
@@ -263,31 +251,23 @@ def build_config(args: argparse.Namespace, prog: str = PROG) -> TrainConfig:
         preset_epochs = TrainConfig.preset_fields(args.preset, args.method).get("epochs")
     except ValueError as err:
         raise CLIError(f"argument --preset: {err}") from None
-    overrides = {
-        "method": args.method,
-        # A preset's own epoch budget (DuoRec's release: 50) stands in for the protocol's.
-        "epochs": args.epochs or (SYNTHETIC_EPOCHS if synthetic else preset_epochs or DATA_EPOCHS),
-        "max_len": args.max_len or (SYNTHETIC_MAX_LEN if synthetic else DATA_MAX_LEN),
-        "device": args.device,
-        "seed": args.seed,
-        "progress": not args.no_progress,
-        "record_histograms": args.plots,
-        "amp": torch.device(args.device).type == "cuda" and (
-            args.amp if args.amp is not None else args.preset == "default"),
+    cuda = torch.device(args.device).type == "cuda"
+    overrides = {f.name: getattr(args, f.name) for f in generated_fields()
+                 if getattr(args, f.name) is not None}
+    if args.epochs is None:  # a preset's own budget (DuoRec's release: 50) before the protocol's
+        overrides["epochs"] = SYNTHETIC_EPOCHS if synthetic else preset_epochs or DATA_EPOCHS
+    if args.max_len is None:
+        overrides["max_len"] = SYNTHETIC_MAX_LEN if synthetic else DATA_MAX_LEN
+    overrides.update(
+        method=args.method, device=args.device, seed=args.seed, progress=not args.no_progress,
+        record_histograms=args.plots,
+        amp=cuda and (args.amp if args.amp is not None else args.preset == "default"),
         # Compiling pays off on a GPU, where the step is launch-bound; on a CPU its minutes of
         # compilation would outweigh a short run. Data-parallel runs stay eager (DDP wraps the
         # plain module).
-        "compile": (torch.device(args.device).type == "cuda" and not args.no_compile
-                    and not args.distributed),
-        "compile_mode": args.compile_mode,
-    }
-    for flag in ("contrast", "simthres", "batch_size", "lr", "patience", "max_batches",
-                 "similarity", "temperature", "cl_weight", "stop_metric", "kstat_start",
-                 "threshold_init", "threshold_detach", "mask_id",
-                 *(field for _, field, _ in METHOD_FLAGS)):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    if args.simthres == "learnable-flat":
+        compile=cuda and not args.no_compile and not args.distributed,
+    )
+    if args.simthres == "learnable-flat" and args.drop_last is None:
         overrides["drop_last"] = True  # the flattened threshold net has a fixed batch size
     try:
         return TrainConfig.from_preset(args.preset, **overrides)

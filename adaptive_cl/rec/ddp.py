@@ -120,6 +120,11 @@ class DataParallel:
         if config.method not in METHODS:
             raise ValueError(f"method {config.method!r} does not train data-parallel yet "
                              f"(its objective computes the whole batch); these do: {', '.join(METHODS)}")
+        if config.simthres == "learnable-flat":
+            # Its weight gradient is written outside autograd (simthres.FlattenedThresholdNet),
+            # where DDP's gradient hooks would not see it.
+            raise ValueError("simthres='learnable-flat' does not train data-parallel; use "
+                             "'learnable' (any batch size) or train in one process")
         if config.loss_backend != "auto" and config.loss_backend not in HOOKS:
             raise ValueError(f"loss_backend={config.loss_backend!r} has no distributed implementation "
                              f"yet; data-parallel training runs 'auto' or one of {sorted(HOOKS)}")

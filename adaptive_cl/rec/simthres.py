@@ -245,9 +245,10 @@ class FlattenedThresholdNet(nn.Module):
     N(0, 0.02) with zero biases (the release, RecBole's initialisation); ``"default"`` keeps
     ``nn.Linear``'s.
 
-    The first layer is applied as ``W @ x`` (a column), so its weight gradient is produced in
-    ``W``'s own layout: ``x @ W.T`` would produce the transpose and cost a copy of all B*H*B*H/8
-    gradients every step (a sixth of a CPU step at B=1024).
+    The first layer's weight gradient (B*H*B*H/8 values, 2 GB at B = 1024) is written into a
+    buffer kept across steps, in ``W``'s own layout: letting autograd allocate it afresh each
+    step (and ``zero_grad`` release it) cost more than the arithmetic on the CPU, where every
+    fresh page is a fault, and ``x @ W.T`` would also produce the transpose and copy it.
     """
 
     def __init__(self, batch_size: int, hidden: int, init: str = "default") -> None:
@@ -265,6 +266,14 @@ class FlattenedThresholdNet(nn.Module):
             for layer in self.net:
                 nn.init.normal_(layer.weight, 0.0, 0.02)
                 nn.init.zeros_(layer.bias)
+        self._grad_buffer: torch.Tensor | None = None
+
+    def weight_grad_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        if (self._grad_buffer is None or self._grad_buffer.shape != weight.shape
+                or self._grad_buffer.device != weight.device
+                or self._grad_buffer.dtype != weight.dtype):
+            self._grad_buffer = torch.empty_like(weight)
+        return self._grad_buffer
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if h.shape != (self.batch_size, self.hidden):
@@ -274,9 +283,36 @@ class FlattenedThresholdNet(nn.Module):
                 f"(drop_last=True) or use ThresholdNet, which takes any batch size"
             )
         first, second = self.net
-        hidden = torch.addmm(first.bias[:, None], first.weight, h.reshape(-1, 1))
-        s = torch.sigmoid(second(hidden.T).squeeze(0))
+        hidden = _ColumnLinear.apply(h.reshape(-1), first.weight, first.bias, self)
+        s = torch.sigmoid(second(hidden).squeeze(0))
         return THRESHOLD_RANGE * (2.0 * s - 1.0)
+
+
+class _ColumnLinear(torch.autograd.Function):
+    """``(W x + b)`` as a ``(1, out)`` row for a single flattened input ``x``; the backward
+    writes W's gradient (the outer product g x^T) into the net's kept buffer and sets or adds
+    it to ``W.grad`` itself (autograd gets None for W: no fresh allocation, no copy)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, net):
+        ctx.save_for_backward(x, weight)
+        ctx.net = net
+        return torch.addmv(bias, weight, x)[None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad[0]
+        grad_x = weight.T.mv(g) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            if weight.grad is None:
+                buffer = ctx.net.weight_grad_buffer(weight)
+                torch.outer(g, x, out=buffer)
+                weight.grad = buffer
+            else:  # accumulate, as autograd would (zero_grad(set_to_none=False), two passes)
+                weight.grad.addr_(g, x)
+        grad_bias = g if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
 
 
 class LearnableSimThres(nn.Module):

@@ -160,81 +160,148 @@ class _NoBar:
         pass
 
 
+#: The value checks a setting may declare: (test, what the value must be).
+CHECKS = {
+    "int>=1": (lambda v: not isinstance(v, bool) and isinstance(v, int) and v >= 1,
+               "an integer >= 1"),
+    ">0": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    ">=0": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "(0,1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def setting(default, help: str, *, choices=None, check: str | None = None,
+            methods: tuple[str, ...] | None = None):
+    """One training setting, declared once: its default, its help (the CLI's), the values it
+    may take (``choices`` or a ``CHECKS`` key; ``None`` passes where the default is None) and
+    the methods it applies to (the CLI refuses it for others). :meth:`TrainConfig.validate`
+    and the CLI (``cli.py``) both read these."""
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, choices=choices, check=check, methods=methods))
+
+
 @dataclass
 class TrainConfig:
     """Every hyper-parameter of a run (recorded in the results). Defaults = the protocol's
-    (README, "The pipeline's protocol").
+    (README, "The pipeline's protocol"); each field's metadata holds its help, its allowed
+    values and the methods it applies to (:func:`setting`), from which the CLI is generated.
 
     Build presets with :meth:`from_preset`; setting ``preset="paper"`` by hand only labels the
     run and changes nothing else.
     """
 
-    method: str = "adaptiverec"
-    contrast: str = "us_x"
-    simthres: str = "statistical"
-    preset: str = "default"
-    epochs: int = 50
-    batch_size: int = 256
-    drop_last: bool = False
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    warmup_epochs: int = 5  # "warmup-cosine": linear warm-up from lr_floor over these epochs
-    lr_floor: float = 1e-4  # "warmup-cosine": where the warm-up starts and the cosine ends
-    max_len: int = 50
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 2
-    inner: int = 256
-    dropout: float = 0.5
-    attn_dropout: float = 0.5
-    cl_weight: float = 0.1
-    temperature: float = 1.0
-    similarity: str = "auto"  # DuoRec: dot; CL4SRec and AdaptiveRec: cos
-    positive_weight: float = 0.5
-    denominator: str = "negatives"
-    weighting: str = "normalized"
-    threshold: str = "hard"
-    threshold_scale: float = 0.05
-    kstat_method: str = "pooled"
-    kstat_percentile: float = 0.9
-    kstat_bins: int = 2048
-    kstat_start: str = "running"  # statistical SimThres before any k_stat (simthres.py)
-    reg_weight: float = 0.1
-    reg_squared: bool = False
-    threshold_width: int = 64
-    threshold_init: str = "default"  # learnable-flat: nn.Linear's, or "normal" N(0, 0.02)
-    threshold_detach: bool = True  # g sees detached representations (False: as released)
-    crop: float = 0.6
-    mask: float = 0.3
-    reorder: float = 0.6
-    mask_id: str = "token"  # the mask augmentation's id: a dedicated token or the padding id
+    method: str = setting("adaptiverec", "the training objective", choices=METHODS)
+    contrast: str = setting("us_x", "DuoRec/AdaptiveRec view pair: un, su or us_x",
+                            choices=CONTRASTS, methods=("duorec", "adaptiverec"))
+    simthres: str = setting(
+        "statistical", "AdaptiveRec's threshold: statistical, learnable, learnable-flat (the "
+        "released flattened-batch network) or none (rcl and mclrec default: none)",
+        choices=SIMTHRES, methods=THRESHOLDED)
+    preset: str = setting("default", "the preset the run was built from (README: Presets)",
+                          choices=PRESETS)
+    epochs: int = setting(50, "training epochs at most (the CLI: 3 on the synthetic data, 100 "
+                              "with --data, unless the preset sets them)", check="int>=1")
+    batch_size: int = setting(256, "training batch size", check="int>=1")
+    drop_last: bool = setting(False, "drop each epoch's partial last batch")
+    lr: float = setting(1e-3, "Adam learning rate", check=">0")
+    weight_decay: float = setting(0.0, "Adam weight decay", check=">=0")
+    lr_schedule: str = setting("constant", "per-epoch learning-rate schedule",
+                               choices=SCHEDULES)
+    warmup_epochs: int = setting(5, "warmup-cosine: epochs of linear warm-up from lr_floor",
+                                 check="int>=1")
+    lr_floor: float = setting(1e-4, "warmup-cosine: where the warm-up starts and the cosine "
+                                    "ends", check=">0")
+    max_len: int = setting(50, "longest input sequence (the CLI: 20 on the synthetic data)",
+                           check="int>=1")
+    hidden: int = setting(64, "transformer width", check="int>=1")
+    layers: int = setting(2, "transformer blocks", check="int>=1")
+    heads: int = setting(2, "attention heads", check="int>=1")
+    inner: int = setting(256, "feed-forward width", check="int>=1")
+    dropout: float = setting(0.5, "hidden-state dropout", check="[0,1]")
+    attn_dropout: float = setting(0.5, "attention dropout", check="[0,1]")
+    cl_weight: float = setting(0.1, "weight of the contrastive term, lambda", check=">=0")
+    temperature: float = setting(1.0, "contrastive temperature, tau", check=">0")
+    similarity: str = setting("auto", "contrastive similarity: cos or dot (auto: dot for "
+                                      "duorec, cos otherwise)", choices=SIMILARITIES)
+    positive_weight: float = setting(0.5, "AdaptiveRec's alpha: the view partner's target "
+                                          "weight", check="(0,1]")
+    denominator: str = setting("negatives", "AdaptiveRec's LSE over the negatives (paper Eq. 9) "
+                                            "or all candidates (released code)",
+                               choices=("negatives", "all"))
+    weighting: str = setting("normalized", "AdaptiveRec's target weights",
+                             choices=("normalized", "unit"))
+    threshold: str = setting("hard", "hard threshold or soft sigmoid((c - k) / scale)",
+                             choices=("hard", "soft"))
+    threshold_scale: float = setting(0.05, "the soft threshold's scale beta", check=">0")
+    kstat_method: str = setting("pooled", "k_stat: percentile of the pooled epoch or mean of "
+                                          "per-batch percentiles", choices=KSTAT_METHODS)
+    kstat_percentile: float = setting(0.9, "k_stat's percentile as a fraction", check="[0,1]")
+    kstat_bins: int = setting(2048, "histogram bins of the similarity statistics (a power of "
+                                    "two)", check="int>=1")
+    kstat_start: str = setting(
+        "running", "statistical SimThres in the first epoch, before any statistic: running (the "
+        "epoch's batches so far), none (no extra positives), zero (k = 0)",
+        choices=KSTAT_STARTS)
+    reg_weight: float = setting(0.1, "learnable SimThres: weight of ||k - k_stat||",
+                                check=">=0")
+    reg_squared: bool = setting(False, "square the regulariser (the paper) instead of the "
+                                       "released unsquared norm")
+    threshold_width: int = setting(64, "learnable SimThres network width", check="int>=1")
+    threshold_init: str = setting("default", "learnable-flat's initialisation: nn.Linear's or "
+                                             "normal N(0, 0.02) (the release)",
+                                  choices=THRESHOLD_INITS)
+    threshold_detach: bool = setting(True, "feed the threshold network detached "
+                                           "representations (the release feeds them attached)")
+    crop: float = setting(0.6, "crop augmentation: fraction kept", check="[0,1]")
+    mask: float = setting(0.3, "mask augmentation: fraction masked", check="[0,1]")
+    reorder: float = setting(0.6, "reorder augmentation: fraction shuffled", check="[0,1]")
+    mask_id: str = setting("token", "the mask augmentation writes a dedicated token or the "
+                                    "padding id (MCLRec's release)", choices=MASK_IDS,
+                           methods=("cl4srec", "mclrec"))
     # RCL (rcl.py): lambda is cl_weight, tau is temperature.
-    rcl_alpha: float = 0.05  # top fraction of similar training histories kept per user
-    rcl_ngram: int = 1  # 1: Jaccard over items; 2: over consecutive pairs (the paper's table)
-    rcl_weighting: str = "similarity"  # Eq. 16; "row": released code; "none": Eq. 14
-    rcl_weight_power: float = 0.1  # "row" weights s ** power
+    rcl_alpha: float = setting(0.05, "RCL: top fraction of similar training histories kept per "
+                                     "user", check="(0,1]", methods=("rcl",))
+    rcl_ngram: int = setting(1, "RCL: Jaccard over items (1) or consecutive item pairs (2)",
+                             choices=NGRAMS, methods=("rcl",))
+    rcl_weighting: str = setting("similarity", "RCL weak-term weights: similarity (Eq. 16), row "
+                                               "(released code), none (Eq. 14)",
+                                 choices=RCL_WEIGHTINGS, methods=("rcl",))
+    rcl_weight_power: float = setting(0.1, "RCL 'row' weights s ** power", check=">=0",
+                                      methods=("rcl",))
     # MCLRec (mclrec.py)
-    mclrec_lambda: float = 0.0  # weight of L_cl1 (Beauty: 0)
-    mclrec_beta: float = 0.05  # weight of L_cl2 (Beauty: 0.05)
-    mclrec_reg_weight: float = 0.1  # gamma / beta
-    mclrec_regularizer: str = "paper"  # or "code": per-row R over the three L_cl2 pairs
-    mclrec_update: str = "alternating"  # or "joint" (one step; a deviation)
-    max_batches: int | None = None  # cap on batches per epoch (smoke tests), None = all
-    patience: int = 10
-    stop_metric: str = "NDCG@10"  # validation metric of early stopping and the best epoch
-    eval_batch_size: int = 1024
-    mask_history: bool = False
-    ties: str = "pessimistic"  # metrics.ranks_from_scores: a tie never helps the target
-    seed: int = 2024
-    device: str = "cpu"
-    amp: bool = False  # bf16 autocast, CUDA only
-    compile: bool = False  # torch.compile the encoder's training passes (CLI: on for CUDA)
-    compile_mode: str = "default"  # torch.compile's mode ("reduce-overhead": CUDA graphs)
-    record_histograms: bool = False
-    holdout_size: int = 512
-    loss_backend: str = "auto"
-    progress: bool = True
+    mclrec_lambda: float = setting(0.0, "MCLRec: weight of L_cl1", check=">=0",
+                                   methods=("mclrec",))
+    mclrec_beta: float = setting(0.05, "MCLRec: weight of L_cl2", check=">=0",
+                                 methods=("mclrec",))
+    mclrec_reg_weight: float = setting(0.1, "MCLRec: regulariser weight gamma / beta",
+                                       check=">=0", methods=("mclrec",))
+    mclrec_regularizer: str = setting("paper", "MCLRec's R: paper (Eqs. 11-15) or code (per "
+                                               "row, three pairs)", choices=REGULARIZERS,
+                                      methods=("mclrec",))
+    mclrec_update: str = setting("alternating", "MCLRec: alternating encoder/augmenter/encoder "
+                                                "steps, or joint (a deviation)",
+                                 choices=UPDATES, methods=("mclrec",))
+    max_batches: int | None = setting(None, "train at most this many batches per epoch (smoke "
+                                            "tests)", check="int>=1")
+    patience: int = setting(10, "early stopping: epochs without improvement", check="int>=1")
+    stop_metric: str = setting("NDCG@10", "validation metric of early stopping and the best "
+                                          "epoch", choices=STOP_METRICS)
+    eval_batch_size: int = setting(1024, "users per evaluation batch", check="int>=1")
+    mask_history: bool = setting(False, "mask each user's history items in the ranking (the "
+                                        "protocol does not)")
+    ties: str = setting("pessimistic", "how tied scores rank", choices=TIES)
+    seed: int = setting(2024, "random seed")
+    device: str = setting("cpu", "torch device")
+    amp: bool = setting(False, "bf16 autocast (CUDA only)")
+    compile: bool = setting(False, "torch.compile the encoder's training passes")
+    compile_mode: str = setting("default", "torch.compile's mode (reduce-overhead: CUDA graphs)",
+                                choices=COMPILE_MODES)
+    record_histograms: bool = setting(False, "record per-epoch similarity histograms (plots)")
+    holdout_size: int = setting(512, "held-out sequences for uniformity and alignment",
+                                check="int>=1")
+    loss_backend: str = setting("auto", "adaptive_info_nce's backend", choices=BACKENDS)
+    progress: bool = setting(True, "progress bars")
 
     @classmethod
     def preset_fields(cls, preset: str, method: str) -> dict:
@@ -280,41 +347,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        choices = dict(method=METHODS, contrast=CONTRASTS, simthres=SIMTHRES, preset=PRESETS,
-                       lr_schedule=SCHEDULES, similarity=SIMILARITIES, kstat_method=KSTAT_METHODS,
-                       denominator=("negatives", "all"), weighting=("normalized", "unit"),
-                       threshold=("hard", "soft"), ties=TIES, compile_mode=COMPILE_MODES,
-                       rcl_ngram=NGRAMS, rcl_weighting=RCL_WEIGHTINGS, mask_id=MASK_IDS,
-                       kstat_start=KSTAT_STARTS, threshold_init=THRESHOLD_INITS,
-                       stop_metric=STOP_METRICS,
-                       mclrec_regularizer=REGULARIZERS, mclrec_update=UPDATES,
-                       loss_backend=BACKENDS)
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "max_len", "hidden", "layers", "heads", "inner",
-                     "kstat_bins", "threshold_width", "patience", "eval_batch_size",
-                     "holdout_size", "warmup_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr", "temperature", "threshold_scale", "lr_floor"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0 < self.rcl_alpha <= 1:
-            raise ValueError(f"rcl_alpha must be in (0, 1], got {self.rcl_alpha!r}")
-        if self.max_batches is not None and (isinstance(self.max_batches, bool) or not
-                                             isinstance(self.max_batches, int) or
-                                             self.max_batches < 1):
-            raise ValueError(f"max_batches must be None or an integer >= 1, got "
-                             f"{self.max_batches!r}")
-        for name in ("weight_decay", "cl_weight", "reg_weight", "rcl_weight_power",
-                     "mclrec_lambda", "mclrec_beta", "mclrec_reg_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("kstat_percentile", "crop", "mask", "reorder"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise ValueError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+            if meta.get("check") and not (value is None and f.default is None):
+                ok, what = CHECKS[meta["check"]]
+                try:
+                    good = ok(value)
+                except TypeError:  # a string where a number belongs
+                    good = False
+                if not good:
+                    raise ValueError(f"{f.name} must be {what}, got {value!r}")
         if self.lr_schedule == "warmup-cosine" and not self.lr_floor <= self.lr:
             raise ValueError(f"lr_floor must be <= lr for the warmup-cosine schedule, got "
                              f"lr_floor={self.lr_floor!r}, lr={self.lr!r}")

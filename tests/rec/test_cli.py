@@ -244,3 +244,48 @@ def test_resume_checks_config_and_data(finished, tmp_path, capsys, no_training):
         lines.append(" ".join([user, *items]))
     same_shape.write_text("\n".join(lines) + "\n")
     refused(["--data", str(same_shape), *argv], capsys, "--resume", "other data")
+
+
+def test_every_setting_is_one_flag_generated_from_the_config():
+    """Each TrainConfig field is reachable from the command line: generated from its one
+    declaration (help, choices, checks) or set by a hand-written run flag (EXCLUDED); with no
+    flag given, every generated setting keeps the config's default."""
+    import contextlib
+    import dataclasses
+    import io
+
+    from adaptive_cl.rec.train import TrainConfig
+
+    parser_flags = set()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = buffer.getvalue()
+    for f in dataclasses.fields(TrainConfig):
+        flag = cli.EXCLUDED.get(f.name, cli.flag_of(f.name))
+        assert flag in help_text, f.name
+        parser_flags.add(flag)
+        if f.name not in cli.EXCLUDED:
+            assert f.metadata["help"].split()[0] in help_text  # its own help, once
+            assert help_text.count(f"{flag} ") + help_text.count(f"{flag}\n") >= 1
+    assert len(parser_flags) == len(dataclasses.fields(TrainConfig))
+    config = cli.build_config(cli.parse_args([]))
+    default = TrainConfig()
+    special = {"epochs", "max_len"}  # the CLI's synthetic-data schedule (documented in --help)
+    for f in cli.generated_fields():
+        if f.name not in special:
+            assert getattr(config, f.name) == getattr(default, f.name), f.name
+    assert (config.epochs, config.max_len) == (cli.SYNTHETIC_EPOCHS, cli.SYNTHETIC_MAX_LEN)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "argument --lr: must be finite and > 0"),
+    (["--crop", "1.5"], "argument --crop: must be in [0, 1]"),
+    (["--layers", "x"], "argument --layers: 'x' is not a valid int"),
+    (["--threshold", "medium"], "argument --threshold: invalid choice"),
+    (["--method", "sasrec", "--rcl-alpha", "0.1"], "argument --rcl-alpha: only applies to --method rcl"),
+    (["--method", "sasrec", "--kstat-bins", "100"], "kstat_bins must be a power of two"),
+])
+def test_generated_flags_check_their_values(argv, message, capsys, no_training):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

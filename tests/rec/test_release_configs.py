@@ -93,7 +93,7 @@ def test_amp_flag_and_preset_default(monkeypatch):
     (["--temperature", "0"], "--temperature"),
     (["--stop-metric", "HR@10"], "--stop-metric"),
     (["--method", "sasrec", "--preset", "paper"], "--preset"),
-    (["--method", "duorec", "--mask-id", "padding"], "mask_id"),
+    (["--method", "duorec", "--mask-id", "padding"], "--mask-id: only applies to --method cl4srec"),
 ])
 def test_bad_flags_name_the_flag(argv, flag, capsys):
     assert cli.main(argv) == 2
@@ -134,8 +134,23 @@ def test_flattened_threshold_net_init_and_gradient_layout():
     net = net.double()
     ref = 1.05 * (2 * torch.sigmoid(second(first(h.reshape(1, -1))).squeeze(0)) - 1)
     torch.testing.assert_close(net(h), ref, rtol=0, atol=4 * torch.finfo(torch.float64).eps)
-    net(h).square().sum().backward()
+    plain = [p.detach().clone().requires_grad_() for p in (first.weight, first.bias,
+                                                          second.weight, second.bias)]
+    hp = h.clone().requires_grad_()
+    y = 1.05 * (2 * torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.linear(
+        hp.reshape(1, -1), plain[0], plain[1]), plain[2], plain[3]).squeeze(0)) - 1)
+    for _ in range(2):  # the second pass accumulates, as autograd's would
+        hn = h.clone().requires_grad_()
+        net(hn).square().sum().backward()
+        y.square().sum().backward(retain_graph=True)
+        torch.testing.assert_close(hn.grad, hp.grad / (_ + 1))
+    for mine, ref in zip((first.weight, first.bias, second.weight, second.bias), plain):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-15)
     assert first.weight.grad.stride() == first.weight.stride()
+    kept = first.weight.grad.data_ptr()
+    first.weight.grad = None  # zero_grad(set_to_none=True): the buffer is reused
+    net(h).square().sum().backward()
+    assert first.weight.grad.data_ptr() == kept
     with pytest.raises(ValueError, match="init"):
         FlattenedThresholdNet(4, 8, init="xavier")
 
