@@ -3,7 +3,9 @@
 ``unsupported_reason(p)`` says why these inputs cannot run here (None when they can; asking
 builds the extension once per machine); ``adaptive_info_nce_cpu(p)`` computes the loss (and with
 ``p.stats`` its statistics in the same pass); ``histogram_cpu(p)`` the statistics' histogram alone.
-Every option of the contract is covered. float16/bfloat16 inputs are computed in float32 (the
+Every option of the AdaptiveRec loss is covered; the issue-24 setups (``contract.extended_options``:
+the cross layout, a queue, logQ, exclusion, a mask, a tensor temperature) are not yet
+(``option_reason``), and ``backend="auto"`` gives them to the reference. float16/bfloat16 inputs are computed in float32 (the
 accumulation dtype the contract asks for) and their gradients come back in the input dtype.
 """
 
@@ -11,20 +13,28 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import Prepared
+from ..contract import Prepared, extended_options
 from . import build
 from .build import disabled, load_error
 from .function import AdaptiveInfoNCECPUFunction, compute_inputs
 
 __all__ = ["AdaptiveInfoNCECPUFunction", "adaptive_info_nce_cpu", "build", "disabled", "histogram_cpu",
-           "load_error", "unsupported_reason"]
+           "load_error", "option_reason", "unsupported_reason"]
+
+
+def option_reason(p: Prepared) -> str | None:
+    """Why the extension cannot compute these options (None when it can); builds nothing."""
+    if extended_options(p):
+        return (f"the C++ extension does not implement {', '.join(extended_options(p))} yet; "
+                "use backend='reference' (backend='auto' does)")
+    return None
 
 
 def unsupported_reason(p: Prepared) -> str | None:
     """None when the extension can compute these inputs; else a short reason."""
     if p.z.device.type != "cpu":
         return f"tensors are on {p.z.device}; backend='cpu' takes CPU tensors"
-    return load_error()
+    return option_reason(p) or load_error()
 
 
 def adaptive_info_nce_cpu(p: Prepared):
