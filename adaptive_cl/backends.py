@@ -5,10 +5,11 @@ fused Triton kernel for CUDA tensors whose options the kernel covers, the fused 
 (``"cpu"``, built on first use) for CPU tensors, and the reference otherwise; where the
 extension cannot be built, CPU tensors fall back to the reference with one warning.
 
-Options a fused backend does not implement (``contract.extended_options``: the issue-24
-setups) are never passed to it: ``"auto"`` takes the reference for them (no warning: this is
-the documented route, not a failure), and naming the fused backend raises ValueError naming
-the options. ``route(name, p)`` says which backend runs and why.
+Options a fused backend does not implement (the Triton kernels: ``contract.extended_options``,
+the issue-24 setups; the C++ extension implements them all) are never passed to it: ``"auto"``
+takes the reference for them on CUDA (no warning: the documented route, not a failure), and
+naming the fused backend raises ValueError naming the options. ``route(name, p)`` says which
+backend runs and why.
 """
 
 from __future__ import annotations
@@ -65,8 +66,6 @@ def _cpu_or_reference(p: Prepared) -> Backend:
     global _fallback_warned
     from . import cpu
 
-    if cpu.option_reason(p) is not None:
-        return adaptive_info_nce_reference  # options the extension lacks; checked before building it
     reason = cpu.unsupported_reason(p)
     if reason is None:
         return cpu.adaptive_info_nce_cpu
@@ -100,7 +99,7 @@ def resolve(name: str, p: Prepared) -> Backend:
     if name == "cpu":
         from . import cpu
 
-        if p.z.device.type != "cpu" or cpu.option_reason(p) is not None:
+        if p.z.device.type != "cpu":
             raise ValueError(f"backend='cpu' is not available: {cpu.unsupported_reason(p)}")
         reason = cpu.load_error()
         if reason is not None:

@@ -149,13 +149,18 @@ class _Triton:
 
 
 class _CPU:
-    """The fused C++ extension (adaptive_cl/cpu): its forward returns (4, N) per-row statistics
-    in the compute dtype, which its backward reads; nothing is recomputed. (Its autograd
-    Function cannot run under torch.func, so the recompute adapter would not do.)"""
+    """The fused C++ extension (adaptive_cl/cpu): its forward returns per-row statistics in the
+    compute dtype, which its backward reads; nothing is recomputed. (Its autograd Function cannot
+    run under torch.func, so the recompute adapter would not do.) The op carries the first
+    ``OP_STATS_ROWS`` = 4 (the loss's; the other rows serve dL/dtau, which the op does not
+    take), so the op's outputs keep their shape across releases: a compiled graph cached by an
+    earlier release still matches."""
+
+    OP_STATS_ROWS = 4
 
     @staticmethod
     def stats_meta(p: Prepared) -> tuple[int, torch.dtype]:
-        return 4, p.compute_dtype
+        return _CPU.OP_STATS_ROWS, p.compute_dtype
 
     @staticmethod
     def forward(fn, p: Prepared):
@@ -163,8 +168,9 @@ class _CPU:
         from .cpu.function import _REDUCTION_CODE, _option_args, compute_inputs
 
         z, z_aug = compute_inputs(p.z, p.z_aug)
-        return extension().forward(z, z_aug, p.k_rows, p.labels_rows, *_option_args(p.options),
-                                   _REDUCTION_CODE[p.options.reduction])
+        loss, stats = extension().forward(z, z_aug, p.k_rows, p.labels_rows, *_option_args(p.options),
+                                          _REDUCTION_CODE[p.options.reduction])
+        return loss, stats[:_CPU.OP_STATS_ROWS].contiguous()
 
     @staticmethod
     def backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad):
@@ -175,6 +181,10 @@ class _CPU:
         zc, zac = compute_inputs(z, z_aug)
         u = upstream_rows(grad, options.reduction, 2 * p.batch, zc.dtype)
         soft_k = k is not None and options.threshold == "soft"
+        from .cpu.function import STATS_ROWS
+
+        # the rows dL/dtau would read are not read without it: zeros
+        row_stats = torch.cat([row_stats, row_stats.new_zeros(STATS_ROWS - row_stats.shape[0], row_stats.shape[1])])
         dz, dza, dk_rows = extension().backward(zc, zac, p.k_rows, p.labels_rows, row_stats, u,
                                                 *_option_args(options), soft_k)
         return dz.to(z.dtype), dza.to(z_aug.dtype), _k_grad(k, z, dk_rows if soft_k else None)
