@@ -202,9 +202,13 @@ class Block:
     valid: torch.Tensor | None
 
 
-def blocks(p: Prepared, detach: bool = False) -> tuple[list[Block], torch.Tensor]:
+def blocks(p: Prepared, detach: bool = False, pairs: torch.Tensor | None = None) -> tuple[list[Block], torch.Tensor]:
     """(the loss's blocks, finite): one block in the views layout and in cross, two with
-    ``symmetric``; ``finite`` (0-d bool) says every element that is read is finite."""
+    ``symmetric``; ``finite`` (0-d bool) says every element that is read is finite.
+
+    ``pairs``: None, or (R,) int64 indices of the pairs whose rows alone are computed (each
+    against every column: the distributed loss's own rows); then ``p.k_rows`` is read at those
+    rows only, and the rows come in the order of reduction="none" restricted to them."""
     o = p.options
     b, m = p.batch, p.queue
     z, z_aug = p.z, p.z_aug
@@ -223,12 +227,17 @@ def blocks(p: Prepared, detach: bool = False) -> tuple[list[Block], torch.Tensor
     ones = torch.ones(m, dtype=torch.bool, device=dev)
     pair_valid = p.mask
 
-    def make(r, cols, partner_of, row_valid, col_valid, k_rows, row_labels, col_labels, log_q):
+    def make(r, cols, partner_of, row_valid, col_valid, k_rows, row_labels, col_labels, log_q, sel=None):
+        if sel is not None:  # a subset of the rows
+            r, partner_of = r[sel], partner_of[sel]
+            row_valid = None if row_valid is None else row_valid[sel]
+            k_rows = None if k_rows is None else k_rows[sel]
+            row_labels = None if row_labels is None else row_labels[sel]
         c = r @ cols.T
         if o.normalize:
             c = c.clamp(-1.0, 1.0)
         col_idx = torch.arange(cols.shape[0], device=dev)
-        row_idx = torch.arange(r.shape[0], device=dev)
+        row_idx = torch.arange(r.shape[0], device=dev) if sel is None else sel  # the rows' global indices
         partner = col_idx[None, :] == partner_of[:, None]
         candidates = ~partner
         if o.layout == "views":
@@ -253,23 +262,25 @@ def blocks(p: Prepared, detach: bool = False) -> tuple[list[Block], torch.Tensor
         col_valid = None if valid is None else torch.cat([valid, ones])
         partner_of = (torch.arange(n, device=dev) + b) % n
         row_labels = None if labels is None else labels[:n]
-        return [make(rows[:n], rows, partner_of, valid, col_valid, k, row_labels, labels, None)], finite
+        sel = None if pairs is None else torch.cat([pairs, pairs + b])
+        return [make(rows[:n], rows, partner_of, valid, col_valid, k, row_labels, labels, None, sel)], finite
     zr, zc, queue = rows[:b], rows[b:2 * b], rows[2 * b:]
     col_valid = None if pair_valid is None else torch.cat([pair_valid, ones])
     diag = torch.arange(b, device=dev)
     row_labels = None if labels is None else labels[:b]
     out = [make(zr, torch.cat([zc, queue]), diag, pair_valid, col_valid, None if k is None else k[:b],
-                row_labels, labels, p.log_q)]
+                row_labels, labels, p.log_q, pairs)]
     if o.symmetric:
         out.append(make(zc, zr, diag, pair_valid, pair_valid, None if k is None else k[b:],
-                        row_labels, row_labels, None))
+                        row_labels, row_labels, None, pairs))
     return out, finite
 
 
-def _row_losses(p: Prepared):
-    """(row losses, blocks, memberships, finite): the losses and what the statistics are read from."""
+def _row_losses(p: Prepared, pairs: torch.Tensor | None = None):
+    """(row losses, blocks, memberships, finite): the losses and what the statistics are read
+    from; ``pairs``: only those pairs' rows (``blocks``)."""
     o = p.options
-    bs, finite = blocks(p)
+    bs, finite = blocks(p, pairs=pairs)
     losses, memberships = [], []
     for blk in bs:
         a, rest = membership(blk.c, blk.k_rows, None, blk.candidates, o, complement=True, same=blk.same)
@@ -330,6 +341,14 @@ def losses_from_similarities(
         # zeros rather than None. nan_to_num keeps an infinite k from turning 0 * k into NaN.
         loss = loss + (torch.nan_to_num(k_rows, nan=0.0, posinf=0.0, neginf=0.0) * 0.0).sum()
     return loss
+
+
+def pair_rows(p: Prepared, pairs: torch.Tensor):
+    """(losses, LossStats or None) of the rows of the pairs ``pairs`` alone, each against every
+    column, in O(R x columns) memory: the distributed loss's reference path for the issue-24
+    setups. Stats (with ``p.stats``): m of those rows, the histogram of their candidates."""
+    losses, bs, memberships, finite = _row_losses(p, pairs)
+    return losses, (None if p.stats is None else _stats_from(p, bs, memberships, finite))
 
 
 def _stats_from(p: Prepared, bs: list[Block], memberships: list, finite: torch.Tensor):

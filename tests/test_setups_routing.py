@@ -125,14 +125,15 @@ def test_compiled_backend_and_fullgraph_compile_take_every_option():
     assert rel_err(dtau, want_dtau) < 1e-5
 
 
-def test_distributed_loss_does_not_take_the_setups():
-    """adaptive_info_nce_distributed has the views layout only: a new keyword is a TypeError
-    naming it (raised before any collective)."""
+def test_distributed_triton_hook_refuses_the_setups_by_name():
+    """The distributed loss runs the setups on its reference hook (tests/distributed_cases.py);
+    naming the fused hook raises before any collective, naming the options."""
+    pytest.importorskip("triton")
     from adaptive_cl.distributed import adaptive_info_nce_distributed
 
     z, za, _ = _inputs({})
-    with pytest.raises(TypeError, match="layout"):
-        adaptive_info_nce_distributed(z, za, layout="cross")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run these inputs: .*layout='cross'"):
+        adaptive_info_nce_distributed(z, za, layout="cross", backend="triton")
 
 
 def _re(text: str) -> str:
