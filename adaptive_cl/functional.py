@@ -8,7 +8,6 @@ import torch
 
 from . import backends, ops
 from .contract import LossOptions, StatsSpec, extended_options, make_options, make_stats_spec, prepare
-from .reference import adaptive_info_nce_reference, reduce_rows, row_losses
 
 
 def apply_loss(
@@ -32,13 +31,14 @@ def apply_loss(
     runs inside the registered custom op (adaptive_cl/ops.py), so the compiled graph has no
     break; statistics asked for there are traced into the graph from the dense similarities
     (N x N memory on every backend, the fused kernel's included; still no break, so
-    ``fullgraph=True`` holds). The issue-24 options (``extended_options``) have no fused
-    implementation yet: under torch.compile they trace the reference into the graph, and
-    ``backends.resolve`` routes or refuses them in eager mode."""
+    ``fullgraph=True`` holds). The issue-24 setups (``extended_options``) run inside their own
+    op (``adaptive_cl::info_nce_setup``) under torch.compile; ``backends.resolve`` routes or
+    refuses them by backend, in eager mode as in the op."""
     p = prepare(z, z_aug, k, labels, options, stats, temperature=temperature, negatives=negatives,
                 log_q=log_q, mask=mask)
-    if torch.compiler.is_compiling() and extended_options(p):
-        return adaptive_info_nce_reference(p) if stats is not None else reduce_rows(row_losses(p), p)
+    if ops.AVAILABLE and torch.compiler.is_compiling() and extended_options(p):
+        loss = ops.info_nce_setup(dataclasses.replace(p, stats=None), backend)
+        return loss if stats is None else (loss, _dense_stats(p))
     if ops.AVAILABLE and torch.compiler.is_compiling():
         loss = ops.info_nce(dataclasses.replace(p, stats=None), backend)
         return loss if stats is None else (loss, _dense_stats(p))

@@ -39,6 +39,24 @@ def adaptive_info_nce_cpu(p: Prepared):
     With ``p.stats``: (loss, LossStats), counted in the forward pass (nothing N x N)."""
     if p.mask is not None:
         return _masked(p)
+    z, z_aug, k_rows, labels, setup, tau = extension_inputs(p)
+    o = p.options
+    out = AdaptiveInfoNCECPUFunction.apply(z, z_aug, k_rows, labels, o, p.stats, setup, tau)
+    loss = out if p.stats is None else out[0]
+    if setup.layout == 2 and o.reduction == "sum":
+        loss = loss / 2  # the mean of the two directions' sums (reference.reduce_rows)
+    if p.stats is None:
+        return loss
+    from ..stats import LossStats
+
+    return loss, LossStats(m=out[1], histogram=out[2], range=p.stats.range)
+
+
+def extension_inputs(p: Prepared, tau_grad: bool | None = None):
+    """(z, z_aug, k_rows, labels, Setup, tau): ``p`` (no mask) as the extension takes it: half
+    types in float32, a threshold per row of [z; z_aug] (zeros for the cross layout's z_aug
+    rows), labels per column, log_q as per-column offsets. ``tau_grad``: whether the forward
+    keeps dL/dtau's statistics (default: the temperature requires grad)."""
     z, z_aug = compute_inputs(p.z, p.z_aug)  # half types accumulate in float32
     o = p.options
     b, m_queue = p.batch, p.queue
@@ -55,16 +73,10 @@ def adaptive_info_nce_cpu(p: Prepared):
             offsets = torch.cat([offsets, offsets.new_zeros(2 * b + m_queue - offsets.shape[0])])
     queue = None if p.negatives is None else compute_inputs(p.negatives, p.negatives)[0].detach()
     tau = None if p.temperature is None else p.temperature.to(z.dtype)
-    setup = Setup(queue, offsets, layout, o.same_label == "exclude", tau is not None and tau.requires_grad)
-    out = AdaptiveInfoNCECPUFunction.apply(z, z_aug, k_rows, labels, o, p.stats, setup, tau)
-    loss = out if p.stats is None else out[0]
-    if layout == 2 and o.reduction == "sum":
-        loss = loss / 2  # the mean of the two directions' sums (reference.reduce_rows)
-    if p.stats is None:
-        return loss
-    from ..stats import LossStats
-
-    return loss, LossStats(m=out[1], histogram=out[2], range=p.stats.range)
+    if tau_grad is None:
+        tau_grad = tau is not None and tau.requires_grad
+    setup = Setup(queue, offsets, layout, o.same_label == "exclude", tau is not None and tau_grad)
+    return z, z_aug, k_rows, labels, setup, tau
 
 
 def _column_labels(labels: torch.Tensor, b: int, m_queue: int, layout: int) -> torch.Tensor:
@@ -84,16 +96,14 @@ def _column_labels(labels: torch.Tensor, b: int, m_queue: int, layout: int) -> t
     return torch.cat([own, low - 1 - torch.arange(m_queue, dtype=torch.int64)])
 
 
-def _masked(p: Prepared):
-    """The loss of the valid pairs alone, results scattered back to every row (masked rows 0):
-    the mask's meaning (reference.py). Fewer than two valid pairs: the reference."""
-    from ..reference import adaptive_info_nce_reference
-
-    idx = p.mask.nonzero().squeeze(1)
+def valid_pairs(p: Prepared):
+    """(the problem of the valid pairs alone, their indices, their rows' indices among p's rows),
+    or None with fewer than two valid pairs (the extension needs B >= 2)."""
+    idx = p.mask.nonzero().squeeze(1)  # a CPU tensor: no device to wait for
     if idx.numel() < 2:
-        return adaptive_info_nce_reference(p)
+        return None
     b, o = p.batch, p.options
-    both = torch.cat([idx, idx + b])  # a pair's two rows (views, symmetric) or views
+    both = torch.cat([idx, idx + b])  # a pair's two rows (views, symmetric)
     per_row = both if p.rows == 2 * b else idx
 
     def own_then_queue(t, own_len, own_idx):
@@ -107,9 +117,21 @@ def _masked(p: Prepared):
         p, z=p.z[idx], z_aug=p.z_aug[idx], mask=None,
         k_rows=None if p.k_rows is None else p.k_rows[per_row], labels_rows=labels,
         log_q=own_then_queue(p.log_q, b, idx))
+    return sub, idx, per_row
+
+
+def _masked(p: Prepared):
+    """The loss of the valid pairs alone, results scattered back to every row (masked rows 0):
+    the mask's meaning (reference.py). Fewer than two valid pairs: the reference."""
+    from ..reference import adaptive_info_nce_reference
+
+    found = valid_pairs(p)
+    if found is None:
+        return adaptive_info_nce_reference(p)
+    sub, _, per_row = found
     out = adaptive_info_nce_cpu(sub)
     loss = out if p.stats is None else out[0]
-    if o.reduction == "none":
+    if p.options.reduction == "none":
         loss = loss.new_zeros(p.rows).index_put((per_row,), loss)
     if p.stats is None:
         return loss
