@@ -104,3 +104,25 @@ def test_setups_are_thread_count_independent(layout, ext):
         torch.set_num_threads(before)
     for a, c in zip(one, two):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_inputs_accumulate_in_float32(dtype, ext):
+    """Half inputs (and a half queue) are computed in float32 like the plain loss: the loss in
+    float32, gradients in the input dtype, equal to the float32 call on the same (rounded) values."""
+    g = torch.Generator().manual_seed(11)
+    z, za, q = (torch.randn(n, 6, generator=g).to(dtype) for n in (7, 7, 3))
+    tau = torch.tensor(0.3, requires_grad=True)
+    kw = dict(layout="cross", negatives=q, log_q=torch.randn(10, generator=g), temperature=tau,
+              mask=torch.tensor([True] * 6 + [False]))
+
+    def run(a, b, queue):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = adaptive_info_nce(a, b, 0.2, backend="cpu", **dict(kw, negatives=queue))
+        return (loss, *torch.autograd.grad(loss, [a, b, tau]))
+
+    half = run(z, za, q)
+    single = run(z.float(), za.float(), q.float())
+    assert half[0].dtype == torch.float32 and half[1].dtype == dtype and half[2].dtype == dtype
+    assert torch.equal(half[0], single[0]) and torch.equal(half[3], single[3])
+    assert torch.equal(half[1], single[1].to(dtype)) and torch.equal(half[2], single[2].to(dtype))
