@@ -4,6 +4,12 @@ A backend is a function ``Prepared -> Tensor`` computing the reduced loss. ``"au
 fused Triton kernel for CUDA tensors whose options the kernel covers, the fused C++ extension
 (``"cpu"``, built on first use) for CPU tensors, and the reference otherwise; where the
 extension cannot be built, CPU tensors fall back to the reference with one warning.
+
+Options a fused backend does not implement (the Triton kernels: ``contract.extended_options``,
+the issue-24 setups; the C++ extension implements them all) are never passed to it: ``"auto"``
+takes the reference for them on CUDA (no warning: the documented route, not a failure), and
+naming the fused backend raises ValueError naming the options. ``route(name, p)`` says which
+backend runs and why.
 """
 
 from __future__ import annotations
@@ -107,3 +113,20 @@ def resolve(name: str, p: Prepared) -> Backend:
     if p.z.device.type == "cpu":
         return _cpu_or_reference(p)
     return adaptive_info_nce_reference
+
+
+def route(name: str, p: Prepared) -> tuple[str, str | None]:
+    """(the backend that ``name`` runs for these inputs, why it is not the fused one or None):
+    what ``resolve`` picks, in words, e.g. ``("reference", "the C++ extension does not
+    implement layout='cross' yet; ...")`` for "auto" on CPU."""
+    fn = resolve(name, p)
+    if fn is adaptive_info_nce_reference and name == "auto":
+        if p.z.device.type == "cpu":
+            return "reference", cpu_unavailable_reason(p)
+        return "reference", triton_unavailable_reason(p)
+    for label in BACKENDS[1:]:
+        if name == label:
+            return label, None
+    from . import cpu
+
+    return ("cpu" if fn is cpu.adaptive_info_nce_cpu else "triton"), None

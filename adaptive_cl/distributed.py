@@ -49,6 +49,12 @@ rank counts its own rows' pairs, then one all-reduce of the counts; the same on 
 Non-finite inputs anywhere in the global batch make every rank's loss NaN and every element of
 every rank's gradients NaN (the contract's rule), without a host synchronisation.
 
+The issue-24 setups (``layout="cross"``, ``symmetric``, a queue replicated on every rank,
+``log_q``, ``same_label="exclude"``, ``mask``, a tensor temperature whose gradient is
+all-reduced) run on the reference path (``_setup_loss``: the gathered batch, this rank's pairs'
+rows against every column, the column gradients all-reduced to their owners); the fused hook
+refuses them by name.
+
 Backends: a backend joins through a ``RowsHook`` (own-rows forward + backward) in ``HOOKS``.
 Wired: "reference" (row subsets of the PyTorch reference, every option) and "triton" (the fused
 kernels over row ranges, every option, float32/float16/bfloat16, as in one process). "auto" takes the fused kernel for CUDA tensors whose options it covers, else the
@@ -68,8 +74,8 @@ import torch.distributed as dist
 
 from . import backends
 from .functional import _check_flag
-from .contract import LossOptions, Prepared, StatsSpec, make_options, make_stats_spec, prepare
-from .reference import block_stats, row_block
+from .contract import LossOptions, Prepared, StatsSpec, extended_options, make_options, make_stats_spec, prepare
+from .reference import block_stats, pair_rows, row_block
 
 __all__ = ["adaptive_info_nce_distributed", "Shard", "RowsHook", "HOOKS"]
 
@@ -323,15 +329,16 @@ class _GlobalBatchLoss(torch.autograd.Function):
 
 
 def _shard(z: torch.Tensor, group, options: LossOptions, backend: str, has_k: bool, has_labels: bool,
-           stats: StatsSpec | None = None) -> Shard:
-    """Exchange the shard sizes, checking that every rank agrees on D, dtype and options."""
+           stats: StatsSpec | None = None, setup: tuple = ()) -> Shard:
+    """Exchange the shard sizes, checking that every rank agrees on D, dtype and options
+    (``setup``: what else every rank must give alike, e.g. the queue's size)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "adaptive_info_nce_distributed needs torch.distributed initialised "
             "(dist.init_process_group); for one process use adaptive_info_nce")
     rank = dist.get_rank(group)
     world = dist.get_world_size(group)
-    fingerprint = zlib.crc32(repr((options, backend, has_k, has_labels, stats)).encode())
+    fingerprint = zlib.crc32(repr((options, backend, has_k, has_labels, stats, setup)).encode())
     mine = torch.tensor([z.shape[0], z.shape[1], _DTYPE_CODES[z.dtype], fingerprint],
                         dtype=torch.int64, device=z.device)
     every = [torch.empty_like(mine) for _ in range(world)]
@@ -368,6 +375,12 @@ def adaptive_info_nce_distributed(
     return_stats: bool = False,
     stats_bins: int = 2048,
     stats_range: tuple[float, float] = (-1.0, 1.0),
+    layout: str = "views",
+    symmetric: bool = False,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    same_label: str = "positive",
+    mask: torch.Tensor | None = None,
 ):
     """:func:`adaptive_cl.adaptive_info_nce` over the global batch of a process group.
 
@@ -386,6 +399,16 @@ def adaptive_info_nce_distributed(
         temperature ... reduction: as ``adaptive_info_nce``; "mean" divides by the global N.
         backend: "auto" or a backend with a distributed hook (``HOOKS``: "reference", "triton").
         group: the process group (None: the default group).
+        layout, symmetric, same_label, a tensor temperature: as ``adaptive_info_nce``. The cross
+            layout's rows are every rank's z rows, its columns every rank's z_aug rows (then
+            the queue); k, labels and log_q are this rank's pairs' ((B_r,); k (2 B_r,) with
+            symmetric: own direction-1 rows, then own direction-2 rows). These setups run on the
+            reference hook (the fused kernels do not implement them yet).
+        negatives: the (M, D) queue, the same tensor on every rank (as MoCo's all-gathered
+            queue): columns of every row; labels and log_q may go on with its M entries.
+        log_q: (B_r,) this rank's z_aug columns' log sampling probabilities, or (B_r + M,)
+            followed by the queue's (the same on every rank).
+        mask: (B_r,) bool, this rank's padding; "mean" averages over the global valid rows.
         return_stats, stats_bins, stats_range: as ``adaptive_info_nce``: also return a
             :class:`adaptive_cl.stats.LossStats` whose ``m`` holds this rank's 2 B_r rows
             (ordered as reduction="none") and whose ``histogram`` counts the candidate
@@ -401,11 +424,18 @@ def adaptive_info_nce_distributed(
     options = make_options(
         temperature=temperature, normalize=normalize, denominator=denominator, weighting=weighting,
         positive_weight=positive_weight, threshold=threshold, threshold_scale=threshold_scale,
-        reduction=reduction)
+        reduction=reduction, layout=layout, symmetric=symmetric, same_label=same_label)
     stats = make_stats_spec(stats_bins, stats_range) if _check_flag(return_stats) else None
-    p = prepare(z, z_aug, k, labels, options, min_batch=0)
+    p = prepare(z, z_aug, k, labels, options, min_batch=0, temperature=temperature, negatives=negatives,
+                log_q=log_q, mask=mask)
     hook = _hook(backend, p)
-    shard = _shard(z, group, options, backend, k is not None, labels is not None, stats)
+    own_labels = 2 * z.shape[0] if layout == "views" else z.shape[0]
+    setup = (p.queue, None if p.log_q is None else p.log_q.shape[0] - z.shape[0], mask is not None,
+             isinstance(temperature, torch.Tensor),
+             None if p.labels_rows is None else p.labels_rows.shape[0] - own_labels)  # the queue's labels given
+    shard = _shard(z, group, options, backend, k is not None, labels is not None, stats, setup)
+    if extended_options(p):  # only the reference hook implements them ("triton" raised in _hook)
+        return _setup_loss(dataclasses.replace(p, stats=stats), shard)
     hook = _label_rows_limit(hook, backend, p, 2 * shard.batch)
     labels_all = None if p.labels_rows is None else shard.gather_rows(p.labels_rows)
     inputs = [z, z_aug] + ([p.k_rows] if p.k_rows is not None else [])
@@ -418,3 +448,108 @@ def adaptive_info_nce_distributed(
 
     loss, m, counts = out
     return loss, LossStats(m=m, histogram=counts, range=stats.range)
+
+
+# ------------------------------------------------------------------------ the issue-24 setups
+def _setup_loss(p: Prepared, shard: Shard):
+    """The cross layout, a queue, log_q, exclusion, a mask, a tensor temperature: the global
+    batch gathered, this rank's pairs' rows computed by the reference against every column
+    (``reference.pair_rows``), the column gradients all-reduced to their owners."""
+    o = p.options
+    b_r, b = shard.local, shard.batch
+    views = o.layout == "views"
+
+    def own_then_queue(t, halves: bool):  # this rank's entries gathered, the queue's (replicated) kept
+        if t is None:
+            return None
+        # decided by the layout, never by B_r: every rank must run the same collectives
+        own = 2 * b_r if halves else b_r
+        mine = shard.gather_rows(t[:own]) if halves else shard.gather(t[:own])
+        return torch.cat([mine, t[own:]])
+
+    labels_all = own_then_queue(p.labels_rows, views)
+    log_q_all = own_then_queue(p.log_q, False)
+    mask_all = None if p.mask is None else shard.gather(p.mask.to(torch.uint8)).bool()  # gloo has no bool
+    inputs = [p.z, p.z_aug] + [t for t in (p.k_rows, p.temperature) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    out = _GlobalSetupLoss.apply(p.z, p.z_aug, p.k_rows, p.temperature, p, shard, labels_all, log_q_all,
+                                 mask_all, needs_grad)
+    if p.stats is None:
+        return out
+    from .stats import LossStats
+
+    loss, m, counts = out
+    return loss, LossStats(m=m, histogram=counts, range=p.stats.range)
+
+
+class _GlobalSetupLoss(torch.autograd.Function):
+    """apply(z, z_aug, k_own, tau, p, shard, labels_all, log_q_all, mask_all, needs_grad) -> the
+    global loss ("mean"/"sum") or the own rows' losses ("none"); with ``p.stats`` also (m of
+    the own rows, the global histogram). Gradients: z, z_aug (own rows of the all-reduced
+    column gradients), k_own (own rows only read it), tau (all-reduced)."""
+
+    @staticmethod
+    def forward(ctx, z, z_aug, k_own, tau, p, shard, labels_all, log_q_all, mask_all, needs_grad):
+        o = p.options
+        b_r, b = shard.local, shard.batch
+        pairs = torch.arange(shard.offset, shard.offset + b_r, device=z.device)
+        rows_per_pair = 1 if o.layout == "cross" and not o.symmetric else 2
+        own_rows = pairs if rows_per_pair == 1 else torch.cat([pairs, pairs + b])
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            leaves = [shard.gather(z.detach()).requires_grad_(needs_grad),
+                      shard.gather(z_aug.detach()).requires_grad_(needs_grad)]
+            k_rows = None
+            if k_own is not None:
+                leaves.append(k_own.detach().requires_grad_(needs_grad))
+                # only the own rows' thresholds are read (pair_rows): the others stay 0
+                k_rows = leaves[-1].new_zeros(rows_per_pair * b).index_put((own_rows,), leaves[-1])
+            tau_leaf = None
+            if tau is not None:
+                tau_leaf = tau.detach().requires_grad_(needs_grad)
+                leaves.append(tau_leaf)
+            pg = dataclasses.replace(p, z=leaves[0], z_aug=leaves[1], k_rows=k_rows, labels_rows=labels_all,
+                                     log_q=log_q_all, mask=mask_all, temperature=tau_leaf,
+                                     negatives=None if p.negatives is None else p.negatives.detach())
+            losses, own_stats = pair_rows(pg, pairs)
+        ctx.shard, ctx.leaves, ctx.losses, ctx.options = shard, leaves, losses, o
+        ctx.has_k, ctx.has_tau = k_own is not None, tau is not None
+        if o.reduction == "none":
+            out = losses.detach().clone()
+        else:
+            valid = torch.tensor(float(rows_per_pair * b_r), dtype=losses.dtype, device=losses.device)
+            if mask_all is not None:
+                valid = (mask_all[pairs].sum() * rows_per_pair).to(losses.dtype)
+            both = torch.stack([losses.detach().sum(), valid])
+            dist.all_reduce(both, group=shard.group)
+            total, ctx.valid = both[0], both[1].clamp(min=1)
+            ctx.sum_factor = 0.5 if o.symmetric else 1.0
+            out = total / ctx.valid if o.reduction == "mean" else total * ctx.sum_factor
+        if p.stats is None:
+            return out
+        counts = own_stats.histogram.contiguous().clone()
+        dist.all_reduce(counts, group=shard.group)  # the own rows' candidates: a partition of all
+        m = own_stats.m.clone()
+        ctx.mark_non_differentiable(m, counts)
+        return out, m, counts
+
+    @staticmethod
+    def backward(ctx, grad, *_stats_grads):
+        o, shard = ctx.options, ctx.shard
+        if o.reduction == "none":
+            u = grad
+        else:
+            scale = 1.0 / ctx.valid if o.reduction == "mean" else ctx.sum_factor
+            u = (grad * scale).expand(ctx.losses.shape[0])
+        grads = torch.autograd.grad(ctx.losses, ctx.leaves, u.to(ctx.losses.dtype), allow_unused=True,
+                                    materialize_grads=True)
+        ctx.leaves = ctx.losses = None
+        columns = torch.cat([grads[0], grads[1]]).contiguous()
+        dist.all_reduce(columns, group=shard.group)
+        b, off, b_r = shard.batch, shard.offset, shard.local
+        dz, dza = columns[off:off + b_r], columns[b + off:b + off + b_r]
+        dk = grads[2] if ctx.has_k else None
+        dtau = None
+        if ctx.has_tau:
+            dtau = grads[-1].contiguous().clone()
+            dist.all_reduce(dtau, group=shard.group)  # every rank's rows read the one temperature
+        return dz, dza, dk, dtau, None, None, None, None, None, None

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from . import backends, ops
-from .contract import LossOptions, StatsSpec, make_options, make_stats_spec, prepare
+from .contract import LossOptions, StatsSpec, extended_options, make_options, make_stats_spec, prepare
 
 
 def apply_loss(
@@ -18,6 +18,11 @@ def apply_loss(
     options: LossOptions,
     backend: str,
     stats: StatsSpec | None = None,
+    *,
+    temperature: torch.Tensor | float | None = None,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ):
     """Validate the tensors against checked options and run the chosen backend (the functional
     and the Module share this). With ``stats``: (loss, LossStats), from the backend itself when
@@ -26,8 +31,14 @@ def apply_loss(
     runs inside the registered custom op (adaptive_cl/ops.py), so the compiled graph has no
     break; statistics asked for there are traced into the graph from the dense similarities
     (N x N memory on every backend, the fused kernel's included; still no break, so
-    ``fullgraph=True`` holds)."""
-    p = prepare(z, z_aug, k, labels, options, stats)
+    ``fullgraph=True`` holds). The issue-24 setups (``extended_options``) run inside their own
+    op (``adaptive_cl::info_nce_setup``) under torch.compile; ``backends.resolve`` routes or
+    refuses them by backend, in eager mode as in the op."""
+    p = prepare(z, z_aug, k, labels, options, stats, temperature=temperature, negatives=negatives,
+                log_q=log_q, mask=mask)
+    if ops.AVAILABLE and torch.compiler.is_compiling() and extended_options(p):
+        loss = ops.info_nce_setup(dataclasses.replace(p, stats=None), backend)
+        return loss if stats is None else (loss, _dense_stats(p))
     if ops.AVAILABLE and torch.compiler.is_compiling():
         loss = ops.info_nce(dataclasses.replace(p, stats=None), backend)
         return loss if stats is None else (loss, _dense_stats(p))
@@ -48,9 +59,15 @@ def adaptive_info_nce(
     z_aug: torch.Tensor,
     k: torch.Tensor | float | None = None,
     *,
-    temperature: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
     normalize: bool = True,
     labels: torch.Tensor | None = None,
+    layout: str = "views",
+    symmetric: bool = False,
+    negatives: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+    same_label: str = "positive",
+    mask: torch.Tensor | None = None,
     denominator: str = "negatives",
     weighting: str = "normalized",
     positive_weight: float = 0.5,
@@ -62,7 +79,8 @@ def adaptive_info_nce(
     stats_bins: int = 2048,
     stats_range: tuple[float, float] = (-1.0, 1.0),
 ):
-    """AdaptiveRec's InfoNCE with adaptive positives (SimThres), over the 2B views [z; z_aug].
+    """AdaptiveRec's InfoNCE with adaptive positives (SimThres), over the 2B views [z; z_aug]
+    (or, with ``layout="cross"``, z's rows against z_aug's columns).
 
     For each of the N = 2B rows, candidates whose similarity to the row exceeds the row's
     threshold ``k[i]`` stop being negatives and become extra, down-weighted positives; the view
@@ -75,10 +93,26 @@ def adaptive_info_nce(
         k: the similarity threshold (SimThres): None (plain contrastive loss), a float, a 0-d
             tensor, or a floating tensor of shape (B,) (shared by rows i and i+B) or (N,).
             Compared against the cosine (or dot product with ``normalize=False``).
-        temperature: tau >= 1e-30; logits are c / tau.
+        temperature: tau >= 1e-30; logits are c / tau. A 0-d floating tensor (e.g. a learnable
+            parameter, or CLIP's ``logit_scale.exp().reciprocal()``) makes the loss
+            differentiable in tau; its value is not checked on the host.
         normalize: L2-normalise rows (``F.normalize`` convention) so c is the cosine.
         labels: optional integer (B,) or (N,) tensor; rows with equal labels are extra
-            positives regardless of k (supervised / same-target positives).
+            positives regardless of k (supervised / same-target positives). With
+            ``layout="cross"``: (B,), one label per pair. With ``negatives``, the queue's M
+            labels may follow ((N + M,) or (B + M,)); otherwise queue columns match no label.
+        layout: "views" (2B rows, every row also a column) or "cross" (rows z_i, columns
+            z_aug_j, row i's positive column i: the two-tower / CLIP loss, B x B).
+        symmetric: with "cross", also rows z_aug against columns z; the loss is the mean of the
+            two directions' ("none": 2B values, direction 1 then direction 2).
+        negatives: optional (M, D) queue of extra columns (MoCo, a memory bank), z's dtype,
+            not requiring grad; candidates of every row, never rows. Not with symmetric=True.
+        log_q: cross layout, symmetric=False: (B,) (or (B + M,) with negatives) log sampling
+            probabilities subtracted from each column's logits (logQ correction), no grad.
+        same_label: "positive" (labels make extra positives) or "exclude" (candidates sharing
+            a row's label leave its log-sum-exp and its positives: accidental hits removed).
+        mask: optional (B,) bool; a False pair is padding: no loss, never a column, zero
+            gradient; "mean" averages over the valid rows.
         denominator: "negatives" (paper Eq. 9: partner + negatives) or "all" (released code:
             partner + every candidate).
         weighting: "normalized" (alpha on the partner, (1 - alpha)/m_i on each extra positive)
@@ -87,7 +121,7 @@ def adaptive_info_nce(
         threshold: "hard" (c > k; gradient in k is zero) or "soft" (sigmoid((c - k) / scale),
             differentiable in k).
         threshold_scale: the soft threshold's scale beta > 0.
-        reduction: "mean" | "sum" | "none" (the N per-row losses).
+        reduction: "mean" | "sum" | "none" (the per-row losses: N; B in "cross", 2B symmetric).
         backend: "auto" | "reference" | "compiled" | "triton" | "cpu" (see the README's
             options table; "auto": the Triton kernel for CUDA tensors, with every option; the
             C++ extension for CPU tensors; else the reference).
@@ -119,9 +153,13 @@ def adaptive_info_nce(
         threshold=threshold,
         threshold_scale=threshold_scale,
         reduction=reduction,
+        layout=layout,
+        symmetric=symmetric,
+        same_label=same_label,
     )
     stats = make_stats_spec(stats_bins, stats_range) if _check_flag(return_stats) else None
-    return apply_loss(z, z_aug, k, labels, options, backend, stats)
+    return apply_loss(z, z_aug, k, labels, options, backend, stats, temperature=temperature,
+                      negatives=negatives, log_q=log_q, mask=mask)
 
 
 def _check_flag(value: object) -> bool:

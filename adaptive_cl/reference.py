@@ -43,6 +43,36 @@ Soft threshold (``threshold="soft"``, scale beta = ``threshold_scale``)
     It is differentiable in k and tends to the hard loss as beta -> 0. The hard threshold has
     gradient zero in k.
 
+Setups beyond the two views (issue 24; every one combines with every option above)
+    Columns. ``layout="views"`` (the default): the rows are Z's N rows and the columns Z's N
+    rows followed by the M rows of ``negatives`` (a queue); N(i) gains every queue column.
+    ``layout="cross"``: the rows are the B rows of z, the columns the B rows of z_aug followed
+    by the queue; row i's positive is p(i) = i and N(i) = every other column; c_ij compares z_i
+    with z_aug_j. ``symmetric=True`` (cross, no queue) adds a second direction: rows z_aug_i,
+    columns z_j, p(i) = i. Thresholds and labels apply to every candidate exactly as above (k
+    has one entry per row: (B,) in cross, shared by both directions, or (2B,) with
+    ``symmetric``; a queue column carries the label given for it after Z's, else none).
+    Queue rows are normalised like z and receive no gradient; they are never rows.
+
+    Logits. s_ij = c_ij / tau - log_q_j, with ``log_q`` (cross, not symmetric) one log sampling
+    probability per column ((B,), or (B + M,) with a queue), subtracted from every logit of
+    that column, the positive's included (logQ correction). tau may be a 0-d tensor: the loss
+    is then differentiable in tau (dL/dtau = -sum_ij (dL/ds_ij) c_ij / tau^2).
+
+    ``same_label="exclude"`` (needs labels): candidates sharing row i's label leave N(i)
+    altogether, so they are neither in its log-sum-exp (either denominator) nor positives (the
+    "remove accidental hits" of retrieval); ``"positive"`` (default) is the rule above.
+
+    ``mask`` (B,) bool: pair b with mask[b] False is padding: its rows (i = b and b + B in the
+    views layout; b in each direction of cross) have loss 0 and their columns leave every
+    N(i); its inputs are replaced by zeros first, so they get zero gradient and non-finite
+    values there poison nothing.
+
+    Reduction. The row losses l_i (2B values with ``symmetric``: direction 1, then 2; masked rows
+    0) reduce to sum_i l_i / V over the V valid rows ("mean"; 0 when V = 0), sum_i l_i ("sum"),
+    or the values ("none"). With ``symmetric`` the "sum" is halved, so "mean" and "sum" are the
+    mean of the two directions' losses (CLIP's form).
+
 Gradient in the logits
     With W_i the row's total target weight (normalized: 1 if m_i > 0 else alpha; unit: 1 + m_i)
     and w_ij the target weight of column j: dl_i/ds_ij = W_i exp(s_ij - LSE_i) [j in Den(i)] - w_ij.
@@ -52,7 +82,8 @@ Gradient in the logits
 Numerics (every backend)
     - Accumulation in float32 for float16/bfloat16/float32 inputs, float64 for float64; the loss
       in that dtype, gradients in the input dtype.
-    - Non-finite inputs: one NaN or +-inf anywhere in z or z_aug makes every row's loss NaN (so
+    - Non-finite inputs: one NaN or +-inf anywhere in z, z_aug or the queue (masked rows aside)
+      makes every row's loss NaN (so
       "mean" and "sum" are NaN) and every element of both gradients NaN, never a plausible
       finite loss. A NaN threshold k_i: hard, row i has no threshold positives (c > NaN is
       false); soft, row i's loss is NaN. Neither is checked on the host (no synchronisation): a
@@ -68,6 +99,7 @@ Numerics (every backend)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -97,26 +129,16 @@ def stacked_rows(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: t
     Non-finite inputs poison everything: if any element of z or z_aug is NaN or +-inf, Z is
     multiplied by NaN (by 1 otherwise), so every c, every row loss and every gradient element
     is NaN. The flag stays on the device (no host synchronisation)."""
-    stacked = torch.cat([z, z_aug]).to(dtype)
-    poison = torch.where(torch.isfinite(stacked).all(), 1.0, float("nan")).to(dtype)
-    stacked = stacked * poison
-    return normalize_rows(stacked) if normalize else stacked
+    return poisoned_rows([z, z_aug], normalize, dtype)[0]
 
 
-def cosine_or_dot(z: torch.Tensor, z_aug: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    """c = Z Z^T for Z = [z; z_aug], cosine (clamped to [-1, 1]) when ``normalize``."""
-    stacked = stacked_rows(z, z_aug, normalize, dtype)
-    c = stacked @ stacked.T
-    return c.clamp(-1.0, 1.0) if normalize else c
-
-
-def candidate_masks(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partner, candidates): partner[i, (i + B) mod N] and N(i) = not self, not partner."""
-    idx = torch.arange(n, device=device)
-    partner = torch.zeros(n, n, dtype=torch.bool, device=device)
-    partner[idx, (idx + n // 2) % n] = True
-    candidates = ~(partner | torch.eye(n, dtype=torch.bool, device=device))
-    return partner, candidates
+def poisoned_rows(parts: list[torch.Tensor], normalize: bool, dtype: torch.dtype):
+    """(rows, finite): the concatenated ``parts`` in ``dtype``, multiplied by NaN unless every
+    element is finite (``finite``, a 0-d bool tensor), rows normalised when ``normalize``."""
+    stacked = torch.cat(parts).to(dtype)
+    finite = torch.isfinite(stacked).all()
+    stacked = stacked * torch.where(finite, 1.0, float("nan")).to(dtype)
+    return (normalize_rows(stacked) if normalize else stacked), finite
 
 
 def membership(
@@ -126,8 +148,12 @@ def membership(
     candidates: torch.Tensor,
     options: LossOptions,
     complement: bool = False,
+    same: torch.Tensor | None = None,
 ):
     """a_ij: 1 for an extra positive, 0 for a negative (soft threshold: a sigmoid in between).
+
+    Label-forced positives come from ``labels_rows`` (rows and columns the same N rows) or, for
+    any other column set, from ``same`` (a (rows, columns) bool mask).
 
     ``complement``: also return 1 - a_ij on the candidates (0 elsewhere), the "negatives"
     denominator weight, computed as sigmoid((k_i - c_ij)/beta) rather than by subtraction: far
@@ -146,6 +172,7 @@ def membership(
         rest = torch.sigmoid(-x)
     if labels_rows is not None:
         same = labels_rows[:, None] == labels_rows[None, :]
+    if same is not None:
         a = torch.where(same, torch.ones_like(a), a)
         rest = torch.where(same, torch.zeros_like(rest), rest)
     a = torch.where(candidates, a, torch.zeros_like(a))
@@ -155,17 +182,115 @@ def membership(
 
 
 def row_losses(p: Prepared) -> torch.Tensor:
-    """The N per-row losses l_i (the module docstring's formulas), in the compute dtype."""
+    """The per-row losses l_i (the module docstring's formulas), in the compute dtype: N in the
+    views layout, B in cross (2B with ``symmetric``), masked rows 0."""
     return _row_losses(p)[0]
 
 
-def _row_losses(p: Prepared):
-    """(row losses, c, a, candidates): the losses and what the statistics are read from."""
+@dataclass
+class Block:
+    """One direction's rows against its columns: c (R, C), the partner and candidate masks
+    (masks and exclusions applied), the label-forced positives ``same`` (None when none), the
+    rows' thresholds, the columns' logQ correction and the rows' validity (None: all valid)."""
+
+    c: torch.Tensor
+    partner: torch.Tensor
+    candidates: torch.Tensor
+    same: torch.Tensor | None
+    k_rows: torch.Tensor | None
+    log_q: torch.Tensor | None
+    valid: torch.Tensor | None
+
+
+def blocks(p: Prepared, detach: bool = False, pairs: torch.Tensor | None = None) -> tuple[list[Block], torch.Tensor]:
+    """(the loss's blocks, finite): one block in the views layout and in cross, two with
+    ``symmetric``; ``finite`` (0-d bool) says every element that is read is finite.
+
+    ``pairs``: None, or (R,) int64 indices of the pairs whose rows alone are computed (each
+    against every column: the distributed loss's own rows); then ``p.k_rows`` is read at those
+    rows only, and the rows come in the order of reduction="none" restricted to them."""
     o = p.options
-    c = cosine_or_dot(p.z, p.z_aug, o.normalize, p.compute_dtype)
-    partner, candidates = candidate_masks(c.shape[0], c.device)
-    a, rest = membership(c, p.k_rows, p.labels_rows, candidates, o, complement=True)
-    return losses_from_similarities(c, a, rest, partner, candidates, p.k_rows, o), c, a, candidates
+    b, m = p.batch, p.queue
+    z, z_aug = p.z, p.z_aug
+    if p.mask is not None:  # padding is never read: zeros instead, so no gradient and no poison
+        keep = p.mask[:, None]
+        z = torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device))
+        z_aug = torch.where(keep, z_aug, torch.zeros((), dtype=z.dtype, device=z.device))
+    parts = [z, z_aug] + ([p.negatives] if m else [])
+    if detach:
+        parts = [t.detach() for t in parts]
+    rows, finite = poisoned_rows(parts, o.normalize, p.compute_dtype)
+    dev = rows.device
+    k = p.k_rows
+    if k is not None and detach:
+        k = k.detach()
+    ones = torch.ones(m, dtype=torch.bool, device=dev)
+    pair_valid = p.mask
+
+    def make(r, cols, partner_of, row_valid, col_valid, k_rows, row_labels, col_labels, log_q, sel=None):
+        if sel is not None:  # a subset of the rows
+            r, partner_of = r[sel], partner_of[sel]
+            row_valid = None if row_valid is None else row_valid[sel]
+            k_rows = None if k_rows is None else k_rows[sel]
+            row_labels = None if row_labels is None else row_labels[sel]
+        c = r @ cols.T
+        if o.normalize:
+            c = c.clamp(-1.0, 1.0)
+        col_idx = torch.arange(cols.shape[0], device=dev)
+        row_idx = torch.arange(r.shape[0], device=dev) if sel is None else sel  # the rows' global indices
+        partner = col_idx[None, :] == partner_of[:, None]
+        candidates = ~partner
+        if o.layout == "views":
+            candidates &= col_idx[None, :] != row_idx[:, None]
+        if row_valid is not None:
+            candidates &= row_valid[:, None] & col_valid[None, :]
+            if k_rows is not None:  # a padded row's threshold is never read (a NaN there stays out)
+                k_rows = torch.where(row_valid, k_rows, torch.zeros((), dtype=k_rows.dtype, device=dev))
+        same = None
+        if row_labels is not None:
+            same = torch.zeros(c.shape, dtype=torch.bool, device=dev)
+            same[:, :col_labels.shape[0]] = row_labels[:, None] == col_labels[None, :]  # an unlabeled queue: no match
+            if o.same_label == "exclude":
+                candidates &= ~same
+                same = None
+        return Block(c, partner, candidates, same, k_rows, log_q, row_valid)
+
+    labels = p.labels_rows
+    if o.layout == "views":
+        n = 2 * b
+        valid = None if pair_valid is None else torch.cat([pair_valid, pair_valid])
+        col_valid = None if valid is None else torch.cat([valid, ones])
+        partner_of = (torch.arange(n, device=dev) + b) % n
+        row_labels = None if labels is None else labels[:n]
+        sel = None if pairs is None else torch.cat([pairs, pairs + b])
+        return [make(rows[:n], rows, partner_of, valid, col_valid, k, row_labels, labels, None, sel)], finite
+    zr, zc, queue = rows[:b], rows[b:2 * b], rows[2 * b:]
+    col_valid = None if pair_valid is None else torch.cat([pair_valid, ones])
+    diag = torch.arange(b, device=dev)
+    row_labels = None if labels is None else labels[:b]
+    out = [make(zr, torch.cat([zc, queue]), diag, pair_valid, col_valid, None if k is None else k[:b],
+                row_labels, labels, p.log_q, pairs)]
+    if o.symmetric:
+        out.append(make(zc, zr, diag, pair_valid, pair_valid, None if k is None else k[b:],
+                        row_labels, row_labels, None, pairs))
+    return out, finite
+
+
+def _row_losses(p: Prepared, pairs: torch.Tensor | None = None):
+    """(row losses, blocks, memberships, finite): the losses and what the statistics are read
+    from; ``pairs``: only those pairs' rows (``blocks``)."""
+    o = p.options
+    bs, finite = blocks(p, pairs=pairs)
+    losses, memberships = [], []
+    for blk in bs:
+        a, rest = membership(blk.c, blk.k_rows, None, blk.candidates, o, complement=True, same=blk.same)
+        loss = losses_from_similarities(blk.c, a, rest, blk.partner, blk.candidates, blk.k_rows, o,
+                                        temperature=p.temperature, log_q=blk.log_q)
+        if blk.valid is not None:
+            loss = torch.where(blk.valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+        losses.append(loss)
+        memberships.append(a)
+    return torch.cat(losses) if len(losses) > 1 else losses[0], bs, memberships, finite
 
 
 def losses_from_similarities(
@@ -176,12 +301,17 @@ def losses_from_similarities(
     candidates: torch.Tensor,
     k_rows: torch.Tensor | None,
     options: LossOptions,
+    temperature: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The losses of the rows of ``c`` (similarities of some rows with every column), given their
     memberships ``a`` and complements ``rest`` (``membership(..., complement=True)``), partner
-    and candidate masks and thresholds ``k_rows``."""
+    and candidate masks and thresholds ``k_rows``; ``temperature`` a 0-d tensor in place of
+    ``options.temperature``, ``log_q`` the per-column logQ correction."""
     o = options
-    s = c / o.temperature
+    s = c / (o.temperature if temperature is None else temperature)
+    if log_q is not None:
+        s = s - log_q[None, :]
     # Denominator weights q_ij: the partner 1; N(i) 1 ("all") or 1 - a_ij, how negative it is.
     q = torch.where(partner, torch.ones_like(s), a.new_zeros(()))
     q = q + (candidates.to(s.dtype) if o.denominator == "all" else rest)
@@ -213,10 +343,24 @@ def losses_from_similarities(
     return loss
 
 
-def _stats_from(p: Prepared, c: torch.Tensor, a: torch.Tensor | None, candidates: torch.Tensor):
-    """LossStats from the materialised c and memberships a (see adaptive_cl.stats)."""
-    finite = torch.isfinite(p.z).all() & torch.isfinite(p.z_aug).all()
-    return block_stats(p.stats, finite, c, a, candidates)
+def pair_rows(p: Prepared, pairs: torch.Tensor):
+    """(losses, LossStats or None) of the rows of the pairs ``pairs`` alone, each against every
+    column, in O(R x columns) memory: the distributed loss's reference path for the issue-24
+    setups. Stats (with ``p.stats``): m of those rows, the histogram of their candidates."""
+    losses, bs, memberships, finite = _row_losses(p, pairs)
+    return losses, (None if p.stats is None else _stats_from(p, bs, memberships, finite))
+
+
+def _stats_from(p: Prepared, bs: list[Block], memberships: list, finite: torch.Tensor):
+    """LossStats from the blocks' similarities and memberships (see adaptive_cl.stats): m of
+    every row in order, the histogram over every block's candidates."""
+    from .stats import LossStats
+
+    parts = [block_stats(p.stats, finite, blk.c, a, blk.candidates) for blk, a in zip(bs, memberships)]
+    if len(parts) == 1:
+        return parts[0]
+    return LossStats(m=torch.cat([s.m for s in parts]), histogram=sum(s.histogram for s in parts),
+                     range=p.stats.range)
 
 
 @torch.no_grad()
@@ -241,11 +385,11 @@ def block_stats(spec, finite: torch.Tensor, c: torch.Tensor, a: torch.Tensor | N
 def similarity_stats(p: Prepared):
     """LossStats of ``p`` (``p.stats`` set) computed densely: what every backend returns with
     the loss (m_i from the loss's memberships, the histogram of the candidate similarities)."""
-    c = cosine_or_dot(p.z.detach(), p.z_aug.detach(), p.options.normalize, p.compute_dtype)
-    _, candidates = candidate_masks(c.shape[0], c.device)
-    k_rows = None if p.k_rows is None else p.k_rows.detach()
-    a = membership(c, k_rows, p.labels_rows, candidates, p.options)
-    return _stats_from(p, c, a, candidates)
+    with torch.no_grad():
+        bs, finite = blocks(p, detach=True)
+        memberships = [membership(blk.c, blk.k_rows, None, blk.candidates, p.options, same=blk.same)
+                       for blk in bs]
+        return _stats_from(p, bs, memberships, finite)
 
 
 def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -256,14 +400,31 @@ def reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     return losses
 
 
+def reduce_rows(losses: torch.Tensor, p: Prepared) -> torch.Tensor:
+    """The row losses reduced as ``p`` asks: over the valid rows with a ``mask``, the "sum"
+    halved with ``symmetric`` (the mean of the two directions' sums)."""
+    o = p.options
+    if o.reduction == "none":
+        return losses
+    if p.mask is None and not o.symmetric:
+        return reduce(losses, o.reduction)
+    total = losses.sum()
+    if o.reduction == "sum":
+        return total / 2 if o.symmetric else total
+    if p.mask is None:
+        return total / losses.shape[0]
+    valid = p.mask.sum() * (losses.shape[0] // p.batch)  # a pair's rows: 2 (views, symmetric) or 1
+    return total / valid.clamp(min=1).to(total.dtype)
+
+
 def adaptive_info_nce_reference(p: Prepared):
     """The loss as this module's docstring defines it, reduced as requested; with ``p.stats``
     (``return_stats=True``) also its LossStats, read from the same similarities."""
-    loss, c, a, candidates = _row_losses(p)
-    out = reduce(loss, p.options.reduction)
+    loss, bs, memberships, finite = _row_losses(p)
+    out = reduce_rows(loss, p)
     if p.stats is None:
         return out
-    return out, _stats_from(p, c, a, candidates)
+    return out, _stats_from(p, bs, memberships, finite)
 
 
 #: This backend returns (loss, LossStats) itself when p.stats is set (adaptive_cl.functional).

@@ -23,6 +23,10 @@ Two more rows measure the statistics on CPU (``--impls cpu-stats hist``): ``cpu-
 per-batch cost of the pipeline's statistical SimThres. Their peak extra memory shows that
 neither holds anything N x N.
 
+The setups of issue 24 (``--impls cpu-cross cpu-queue eager-cross eager-queue``): the two-tower
+cross layout (B x B) and the views layout with a queue of M = N extra columns, each fused and in
+the reference; compare with ``cpu`` at the same N (the cross layout does half its tiles).
+
 Results go to ``benchmarks/results/cpu-<cpu>-<date>.json`` with the machine (CPU model, cores,
 torch version, threads, the extension's vector ISA), the date, the load average around each
 case (the machine may be shared) and the exact command; a markdown summary is written beside it.
@@ -50,7 +54,11 @@ if ROOT not in sys.path:
 
 from adaptive_cl.rec.atomic import atomic_write_text  # noqa: E402  (after the path is set)
 
-IMPLS = ("eager", "compiled", "cpu", "cpu-stats", "hist")
+IMPLS = ("eager", "compiled", "cpu", "cpu-stats", "hist", "cpu-cross", "cpu-queue", "eager-cross", "eager-queue")
+#: The issue-24 setups (impls.setup_kwargs): the B x B cross layout and the views layout with a
+#: queue of M = N rows, fused ("cpu-") and in the reference ("eager-").
+SETUP_IMPLS = {"cpu-cross": ("cross", "cpu"), "cpu-queue": ("queue", "cpu"),
+               "eager-cross": ("cross", "reference"), "eager-queue": ("queue", "reference")}
 #: What the default run measures (the issue's targets); the statistics rows are asked for by name.
 DEFAULT_IMPLS = ("eager", "compiled", "cpu")
 MODE = "fwd+bwd"
@@ -86,6 +94,14 @@ def _step(impl: str, inputs):
     if impl in ("eager", "compiled"):
         return make_step(impl, inputs, MODE)
     from adaptive_cl import adaptive_info_nce, similarity_histogram
+
+    if impl in SETUP_IMPLS:
+        from benchmarks.impls import setup_kwargs
+
+        setup, backend = SETUP_IMPLS[impl]
+        kw = setup_kwargs(inputs, setup)
+        return lambda: torch.autograd.grad(adaptive_info_nce(inputs.z, inputs.z_aug, inputs.k, backend=backend, **kw),
+                                           (inputs.z, inputs.z_aug))
 
     if impl == "hist":
         return lambda: similarity_histogram(inputs.z, inputs.z_aug, backend="cpu")
@@ -132,7 +148,7 @@ def worker(impl: str, n: int, d: int, repeats: int, threads: int) -> dict:
                   min_ms=min(walls), cpu_median_ms=statistics.median(cpus), repeats=repeats,
                   peak_extra_mib=peak_mib, first_call_s=first_s, threads=torch.get_num_threads(),
                   loadavg_1min=load, fp32_precision=torch.get_float32_matmul_precision())
-    if impl != "eager" and impl != "compiled":
+    if impl.startswith(("cpu", "hist")):
         from adaptive_cl.cpu import build
 
         record["extension"] = build.extension().build_info()

@@ -47,9 +47,11 @@ if ROOT not in sys.path:  # run from a checkout without installing the package
 from adaptive_cl import adaptive_info_nce  # noqa: E402
 
 IMPLS = ("fused", "eager", "compiled", "sdpa", "sdpa-efficient", "official-loop", "fused-labels", "fused-soft",
-         "fused-stats")
+         "fused-stats", "auto-cross", "auto-queue")
 #: The fused kernel with one option more (issue 15): each is compared with "fused".
 OPTION_IMPLS = ("fused-labels", "fused-soft", "fused-stats")
+#: The issue-24 setups through backend="auto" (the two-tower cross layout, a MoCo queue).
+SETUP_IMPLS = ("auto-cross", "auto-queue")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GRID_N = (512, 2048, 8192, 16384, 32768, 65536)
@@ -58,7 +60,9 @@ GRID_D = (64, 128, 256)
 #: Peak bytes of the dense impls per N x N float32 element, from the anchors (eager fwd+bwd:
 #: 6.7 GB at N=16384, 26.6 GB at N=32768, i.e. about 6.2 float32 N x N temporaries); compiled
 #: fuses most elementwise temporaries away (no anchor yet: 4 is a guess kept on the safe side).
-NXN_TEMPS = {"eager": 7.0, "compiled": 4.0, "official-loop": 8.0}
+NXN_TEMPS = {"eager": 7.0, "compiled": 4.0, "official-loop": 8.0,
+             # "auto" takes the reference for the setups on CUDA (B x B, or N x 2N with the queue)
+             "auto-cross": 2.0, "auto-queue": 14.0}
 #: Measurements whose estimate exceeds this fraction of the GPU's memory are skipped, not run.
 MEMORY_FRACTION = 0.85
 OFFICIAL_LOOP_MAX_N = 2048
@@ -236,10 +240,39 @@ def _fused_stats(x: Inputs) -> torch.Tensor:
     return loss
 
 
+#: The issue-24 setups' cases: the queue has M = QUEUE_FACTOR * N rows (columns N + M).
+QUEUE_FACTOR = 1
+
+
+def setup_kwargs(x: Inputs, setup: str) -> dict:
+    """adaptive_info_nce's keyword arguments of a setup case: "cross" (B x B two-tower rows and
+    columns, logQ and accidental-hit exclusion off, the threshold on) or "queue" (views layout
+    with an (M, D) queue of extra columns)."""
+    if setup == "cross":
+        return dict(layout="cross")
+    g = torch.Generator(device="cpu").manual_seed(1)
+    queue = torch.randn(QUEUE_FACTOR * x.n, x.d, generator=g).to(device=x.z.device, dtype=x.z.dtype)
+    return dict(negatives=queue)
+
+
+def _setup_callable(setup: str, backend: str) -> Callable[[Inputs], torch.Tensor]:
+    cache: dict = {}
+
+    def loss(x: Inputs) -> torch.Tensor:
+        if "kw" not in cache:  # built once, outside the timed calls' allocations
+            cache["kw"] = setup_kwargs(x, setup)
+        return adaptive_info_nce(x.z, x.z_aug, x.k, backend=backend, **cache["kw"])
+
+    return loss
+
+
 FORWARDS: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "fused-labels": _fused_labels,
     "fused-soft": _fused_soft,
     "fused-stats": _fused_stats,
+    # the setups through backend="auto": on CUDA the reference until the kernels implement them
+    "auto-cross": _setup_callable("cross", "auto"),
+    "auto-queue": _setup_callable("queue", "auto"),
     "fused": _loss_callable("triton"),
     "eager": _loss_callable("reference"),
     "compiled": _loss_callable("compiled"),

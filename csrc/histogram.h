@@ -1,8 +1,10 @@
 // The statistics' histogram (return_stats, similarity_histogram): counts of the candidate
 // similarities c_ij in equal bins on (lo, hi), with adaptive_cl.stats.bin_indices' rule.
 //
-// Each pair is counted once, from the row i < j (c_ij and c_ji have the same bits, tiles.h), and
-// the counts are doubled at the end. Every task counts into its own int64 histogram; those are
+// The plain views layout counts each pair once, from the row i < j (c_ij and c_ji have the same
+// bits, tiles.h), and doubles the counts at the end (count_row); every other setup (a queue, the
+// cross layout, excluded labels) counts each row's candidates as its loss sees them
+// (count_candidates), not doubled. Every task counts into its own int64 histogram; those are
 // added when the task ends. Integer sums do not depend on their order, so the counts are the same
 // for any number of threads.
 #pragma once
@@ -69,13 +71,27 @@ class TaskHistogram {
     if (p - j0 >= start && p - j0 < ncols) --h[idx[p - j0]];  // the partner is no candidate
   }
 
-  // Adds 2 x these counts (each pair stands for c_ij and c_ji) into total.
-  void merge_into(int64_t* total, std::mutex& lock) const {
+  // Row ri's candidates among the tile's ri.nvalid columns: not its own column, not its partner,
+  // outside its excluded range, and (exclude) not sharing its label.
+  void count_candidates(const T* srow, const RowIn<T>& ri, bool exclude, bool norm) {
+    using C = Tiling<T>;
+    MaskInt<T>* idx = idx_.data();
+    for (int64_t jj = 0; jj < ri.nvalid; jj += C::V) bn_.bins_of(srow + jj, norm, idx + jj);
+    for (int64_t jj = 0; jj < ri.nvalid; ++jj) {
+      if (jj == ri.self || jj == ri.partner || (jj >= ri.excl_lo && jj < ri.excl_hi)) continue;
+      if (exclude && ri.labels != nullptr && ri.labels[jj] != 0) continue;
+      ++counts_[idx[jj]];
+    }
+  }
+
+  // Adds factor x these counts into total: 2 after count_row (each pair stands for c_ij and
+  // c_ji), 1 after count_candidates.
+  void merge_into(int64_t* total, std::mutex& lock, int64_t factor = 2) const {
     std::lock_guard<std::mutex> guard(lock);
     for (int64_t b = 0; b < bins_; ++b) {
       int64_t sum = 0;
       for (int k = 0; k < kCopies; ++k) sum += counts_[k * bins_ + b];
-      total[b] += 2 * sum;
+      total[b] += factor * sum;
     }
   }
 
@@ -93,6 +109,7 @@ struct HistRequest {
   int64_t bins = 0;
   int64_t* total = nullptr;
   std::mutex* lock = nullptr;
+  bool per_row = false;  // count_candidates (every setup but the plain views layout) instead of count_row
 };
 
 }  // namespace adaptive_cl_cpu

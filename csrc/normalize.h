@@ -25,7 +25,7 @@ struct RowNorms {
   std::vector<T> nrm;       // ||z_r|| = nrm * 2^ex
   std::vector<int> ex;
   std::vector<uint8_t> tiny;  // ||z_r|| < eps: zhat_r = z_r / eps
-  bool finite = true;         // every element of z and z_aug is finite
+  bool finite = true;         // every element of z, z_aug (and the queue) is finite
 };
 
 template <typename T>
@@ -33,7 +33,8 @@ struct Packed {
   at::Tensor zhat_t, panels_t;  // owners of the buffers below
   const T* zhat = nullptr;      // (n_pad, dp) row-major
   const T* panels = nullptr;    // n_pad / NR panels of [d][NR]
-  int64_t b = 0, n = 0, d = 0, dp = 0, n_pad = 0;
+  // rows 0..n are [z; z_aug] (n = 2b), rows n..n_cols the queue of extra columns (never rows)
+  int64_t b = 0, n = 0, n_cols = 0, d = 0, dp = 0, n_pad = 0;
   RowNorms<T> norms;
 };
 
@@ -85,14 +86,16 @@ bool normalize_row(const T* x, int64_t sx, int64_t d, bool normalize, T* out, T&
 
 // zhat and its panels for [z; z_aug] (compute dtype T; any strides).
 template <typename T>
-Packed<T> pack_rows(const at::Tensor& z, const at::Tensor& z_aug, bool normalize) {
+Packed<T> pack_rows(const at::Tensor& z, const at::Tensor& z_aug, bool normalize,
+                    const c10::optional<at::Tensor>& queue = c10::nullopt) {
   using C = Tiling<T>;
   Packed<T> p;
   p.b = z.size(0);
   p.n = 2 * p.b;
+  p.n_cols = p.n + (queue.has_value() ? queue->size(0) : 0);
   p.d = z.size(1);
   p.dp = round_up(p.d, C::V);
-  p.n_pad = round_up(p.n, C::BN);
+  p.n_pad = round_up(p.n_cols, C::BN);
   const auto opts = z.options().dtype(c10::CppTypeToScalarType<T>::value);
   p.zhat_t = at::zeros({p.n_pad, p.dp}, opts);
   p.panels_t = at::zeros({p.n_pad * p.d}, opts);
@@ -101,25 +104,27 @@ Packed<T> pack_rows(const at::Tensor& z, const at::Tensor& z_aug, bool normalize
   p.zhat = zhat;
   p.panels = panels;
   auto& nm = p.norms;
-  nm.nrm.assign(p.n, T(1));
-  nm.ex.assign(p.n, 0);
-  nm.tiny.assign(p.n, 0);
-  std::vector<uint8_t> ok(p.n, 1);
+  nm.nrm.assign(p.n_cols, T(1));
+  nm.ex.assign(p.n_cols, 0);
+  nm.tiny.assign(p.n_cols, 0);
+  std::vector<uint8_t> ok(p.n_cols, 1);
   const T* zp = z.data_ptr<T>();
   const T* ap = z_aug.data_ptr<T>();
-  const int64_t d = p.d, dp = p.dp, b = p.b;
+  const T* qp = queue.has_value() ? queue->data_ptr<T>() : nullptr;
+  const int64_t d = p.d, dp = p.dp, b = p.b, n = p.n;
   const int64_t sz0 = z.stride(0), sz1 = z.stride(1), sa0 = z_aug.stride(0), sa1 = z_aug.stride(1);
-  at::parallel_for(0, p.n, 64, [&](int64_t r0, int64_t r1) {
+  const int64_t sq0 = queue.has_value() ? queue->stride(0) : 0, sq1 = queue.has_value() ? queue->stride(1) : 0;
+  at::parallel_for(0, p.n_cols, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const T* x = r < b ? zp + r * sz0 : ap + (r - b) * sa0;
-      const int64_t sx = r < b ? sz1 : sa1;
+      const T* x = r < b ? zp + r * sz0 : (r < n ? ap + (r - b) * sa0 : qp + (r - n) * sq0);
+      const int64_t sx = r < b ? sz1 : (r < n ? sa1 : sq1);
       T* out = zhat + r * dp;
       ok[r] = normalize_row<T>(x, sx, d, normalize, out, nm.nrm[r], nm.ex[r], nm.tiny[r]);
       T* panel = panels + (r / C::NR) * d * C::NR + r % C::NR;
       for (int64_t k = 0; k < d; ++k) panel[k * C::NR] = out[k];
     }
   });
-  for (int64_t r = 0; r < p.n; ++r) nm.finite = nm.finite && ok[r];
+  for (int64_t r = 0; r < p.n_cols; ++r) nm.finite = nm.finite && ok[r];
   return p;
 }
 

@@ -17,6 +17,7 @@ from adaptive_cl import adaptive_info_nce, backends
 from adaptive_cl.contract import make_options, prepare
 from adaptive_cl.distributed import adaptive_info_nce_distributed
 from helpers import safe_threshold, similarity, views
+from setup_cases import covering_cases, make_case
 
 # float64 on both sides; the two differ only in the matmul's summation order and the order of
 # the cross-rank sums (~1e-16 relative per term, N ~ 20 terms), far below this bound. Hard
@@ -145,6 +146,75 @@ def _run_case(case: dict, sizes, rank: int, seed: int, backend: str = "reference
 STATS_BINS = 16
 
 
+def _run_setup_case(case: dict, sizes, rank: int, seed: int) -> None:
+    """An issue-24 setup (tests/setup_cases.py's covering design: cross, symmetric, a queue, log_q,
+    exclusion, a mask, a tensor temperature) on the reference hook against one process."""
+    b = sum(sizes)
+    case = dict(case, shape=(b, case["shape"][1]))
+    z, z_aug, k, kw = make_case(case, seed)
+    m = case["queue"]
+    upstream = torch.rand(2 * b, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+
+    def leaves(tensors):
+        return [t.clone().requires_grad_(True) for t in tensors]
+
+    def run(zz, zza, kk, tau):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return adaptive_info_nce(zz, zza, kk, backend="reference", return_stats=True, stats_bins=STATS_BINS,
+                                     stats_range=(-3.0, 3.0), temperature=tau, **kw)
+
+    tau = kw.pop("temperature")
+    tau = tau if isinstance(tau, float) else tau.clone().requires_grad_(True)
+    soft_k = isinstance(k, torch.Tensor)
+    zg, zag = leaves([z, z_aug])
+    kg = k.clone().requires_grad_(True) if soft_k else k
+    full, full_stats = run(zg, zag, kg, tau)
+    inputs = [zg, zag] + ([kg] if soft_k else []) + ([tau] if isinstance(tau, torch.Tensor) else [])
+    up_full = upstream[: full.shape[0]] if full.dim() else torch.tensor(0.7, dtype=full.dtype)
+    grads_full = torch.autograd.grad(full, inputs, up_full)
+
+    own = dict(kw)
+    for name in ("labels", "log_q"):
+        if name in kw:
+            t = kw[name]
+            n_own = 2 * b if (name == "labels" and case["layout"] == "views" and t.shape[0] >= 2 * b) else b
+            own[name] = torch.cat([_own(t[:n_own], sizes, rank), t[n_own:]])
+    if "mask" in kw:
+        own["mask"] = _own(kw["mask"], sizes, rank)
+    zl, zal = leaves([_own(z, sizes, rank), _own(z_aug, sizes, rank)])
+    kl = _own(k, sizes, rank).clone().requires_grad_(True) if soft_k else k
+    taul = tau.detach().clone().requires_grad_(True) if isinstance(tau, torch.Tensor) else tau
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, got_stats = adaptive_info_nce_distributed(
+            zl, zal, kl, backend="reference", return_stats=True, stats_bins=STATS_BINS, stats_range=(-3.0, 3.0),
+            temperature=taul, **own)
+    def own_rows(x):  # (B,) or (2B,) rows: this rank's, ordered as the distributed "none"
+        return _own(x, sizes, rank)
+
+    torch.testing.assert_close(got_stats.m, own_rows(full_stats.m), **TOL)
+    assert torch.equal(got_stats.histogram, full_stats.histogram)
+    if case["reduction"] == "none":
+        torch.testing.assert_close(got, own_rows(full), **TOL)
+        up = own_rows(up_full)
+    else:
+        torch.testing.assert_close(got, full, **TOL)
+        up = up_full
+    got_inputs = [zl, zal] + ([kl] if soft_k else []) + ([taul] if isinstance(taul, torch.Tensor) else [])
+    grads = torch.autograd.grad(got, got_inputs, up)
+    torch.testing.assert_close(grads[0], _own(grads_full[0], sizes, rank), **TOL)
+    torch.testing.assert_close(grads[1], _own(grads_full[1], sizes, rank), **TOL)
+    if soft_k:
+        torch.testing.assert_close(grads[2], _own(grads_full[2], sizes, rank), **TOL)
+    if isinstance(taul, torch.Tensor):
+        torch.testing.assert_close(grads[-1], grads_full[-1], **TOL)
+
+
+#: the issue-24 setups: the covering design's cases (B set by the layout's shard sizes)
+SETUP_CASES = covering_cases()
+
+
 def _near_edges(z, z_aug, normalize: bool) -> int:
     """Candidate similarities (float64) within 1e-5 of a bin edge of the statistics' histogram."""
     c = similarity(z, z_aug, normalize)
@@ -203,6 +273,12 @@ def worker(rank: int, world: int, init_file: str, layouts) -> None:
                     _run_case(case, sizes, rank, seed=10 * i)
                 except Exception as err:
                     raise AssertionError(f"rank {rank}, sizes {sizes}, case {case}: {err}") from err
+        for sizes in layouts:
+            for i, case in enumerate(SETUP_CASES):
+                try:
+                    _run_setup_case(case, sizes, rank, seed=200 + i)
+                except Exception as err:
+                    raise AssertionError(f"setup, rank {rank}, sizes {sizes}, case {case}: {err}") from err
         _non_finite(layouts[0], rank)
         if _triton_here():  # the fused kernels over row ranges (Triton's interpreter on a CPU)
             for sizes in layouts:

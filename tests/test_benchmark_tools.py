@@ -283,3 +283,23 @@ def test_option_impls_run_and_compare_with_fused():
     assert "| fused-soft | 8192 | 64 | bfloat16 | fwd+bwd | 3.000 | 2.000 | 1.50 |" in table
     assert "fused-labels" not in table  # no plain-kernel record of the same shape to divide by
     assert run.option_costs(recs[:1]) == ""
+
+
+@pytest.mark.parametrize("impl", ["cpu-cross", "cpu-queue", "eager-cross", "eager-queue"])
+def test_cpu_bench_setup_cases_compute_the_setup(impl, ext):
+    """cpu_bench's issue-24 rows time what they name: the cross layout or a queue of M = N rows,
+    fused or in the reference, giving the reference's gradients."""
+    from benchmarks import cpu_bench
+    from adaptive_cl import adaptive_info_nce
+
+    inputs = impls.make_inputs(16, 8, torch.float32, device="cpu")
+    setup, backend = cpu_bench.SETUP_IMPLS[impl]
+    kw = impls.setup_kwargs(inputs, setup)
+    assert ("layout" in kw) == (setup == "cross") and ("negatives" in kw) == (setup == "queue")
+    if setup == "queue":
+        assert kw["negatives"].shape == (impls.QUEUE_FACTOR * 16, 8)
+    grads = cpu_bench._step(impl, inputs)()
+    ref = torch.autograd.grad(adaptive_info_nce(inputs.z, inputs.z_aug, inputs.k, backend="reference", **kw),
+                              (inputs.z, inputs.z_aug))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

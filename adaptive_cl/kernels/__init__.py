@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton  # noqa: F401  (ImportError here tells backends.py the kernels are unavailable)
 import torch
 
-from ..contract import Prepared
+from ..contract import Prepared, extended_options
 from . import adaptive_info_nce_fwd as _fwd
 from .function import MAX_LABEL_ROWS, AdaptiveInfoNCEFunction
 
@@ -29,6 +29,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def unsupported_reason(p: Prepared) -> str | None:
     """None when the fused kernels can compute these inputs; else a short reason."""
     z = p.z
+    if extended_options(p):
+        return (f"the Triton kernels do not implement {', '.join(extended_options(p))} yet; "
+                "use backend='reference' (backend='auto' does)")
     if not z.is_cuda and not _fwd.INTERPRET:
         return (f"tensors are on {z.device.type}; the Triton kernels need CUDA tensors "
                 "(or TRITON_INTERPRET=1 for Triton's CPU interpreter)")

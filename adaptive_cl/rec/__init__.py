@@ -10,6 +10,8 @@ alignment), ``model`` (SASRec), ``augment`` (sequence augmentations), ``simthres
 (statistical and learnable thresholds), ``objectives`` (the training losses of each method;
 RCL's and MCLRec's, with their weak-positive index and learnable augmenters, in ``rcl`` and
 ``mclrec``), ``train`` (the seeded, resumable training loop), ``ddp`` (its data-parallel form),
-``atomic`` (files written whole or not at all: checkpoints, results, caches, figures), ``plots``
+``atomic`` (files written whole or not at all: checkpoints, results, caches, figures),
+``two_tower`` (two-tower retrieval: SASRec users against the item table, logQ, accidental hits
+excluded, the adaptive threshold; ``examples/two_tower.py``), ``plots``
 and ``cli`` (the command line: ``adaptive-cl-train`` or ``python -m adaptive_cl.rec``).
 """
