@@ -72,3 +72,46 @@ def test_per_element_targets_bf16_d64(report):
     assert got["bwd"]["instr"] <= 32 and got["bwd"]["mufu"] <= 1.0, got["bwd"]
     assert got["fwd"]["instr"] <= 18 and got["fwd"]["mufu"] <= 1.0, got["fwd"]
     assert report["problems"] == [] and report["returncode"] == 0, report["problems"]
+
+
+def _compile_check(tmp_path, *args):
+    """Run compile_check with ``args`` in a subprocess (JIT kernels, no interpreter); its --json."""
+    out = tmp_path / "out.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "adaptive_cl.kernels.compile_check", *args, "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc
+
+
+def test_a_partial_batch_reuses_the_compiled_kernels(tmp_path):
+    """issue 23: B, N, the row range and the threshold stride are do_not_specialize, so batch
+    sizes 8192, 8191 (a partial last batch), 4097 and 1000 bind to one specialisation key per
+    kernel (before: 3 keys for the row-stats, forward and backward kernels, 2 for the per-row
+    one: four recompiles mid-epoch)."""
+    if not _has_ptxas():
+        pytest.skip("this triton has no NVIDIA backend")
+    data, proc = _compile_check(tmp_path, "--batch-keys", "--variants", "bfloat16/native/64,float32/tf32/128")
+    for variant, per_kernel in data["batch_keys"].items():
+        assert set(per_kernel) == {"rowstats", "fwd", "bwdrows", "bwd"}, variant
+        assert all(n == 1 for n in per_kernel.values()), (variant, per_kernel)
+
+
+def test_three_pass_tf32_products_are_not_chained(tmp_path):
+    """issue 23: 3xtf32's cross products hi_i.lo_j and lo_i.hi_j must be independent products
+    summed order-independently (c_ij == c_ji bitwise); Triton's combine pass turns
+    ``dot(a, b) + dot(c, d)`` into one accumulating chain. Checked on the compiled TTIR of both
+    passes: no tt.dot of the S tile takes another tt.dot's result as its accumulator (the
+    backward's G' Z^_J product chains its three passes on purpose: it has no transposed twin;
+    before the fix the forward had 2 chained dots and the backward 4)."""
+    if not _has_ptxas():
+        pytest.skip("this triton has no ptxas/nvdisasm")
+    data, proc = _compile_check(tmp_path, "--variants", "float32/3xtf32/64")
+    recs = {r["role"]: r for r in data["records"] if r["role"] in ("fwd", "bwd")}
+    assert set(recs) == {"fwd", "bwd"} and all(r["ok"] for r in recs.values()), proc.stdout[-2000:]
+    for role, r in recs.items():
+        allowed = {"fwd": 0, "bwd": 2}[role]
+        assert r["dots"] >= 3 and r["chained_dots"] == allowed, (role, r["dots"], r["chained_dots"])
+        assert (r["spill_stores"] or 0) == 0, (role, r["regs"])
