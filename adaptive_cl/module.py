@@ -16,6 +16,16 @@ class AdaptiveInfoNCE(nn.Module):
     Options are validated once in the constructor; ``forward(z, z_aug, k=None, labels=None,
     return_stats=False)`` (with ``return_stats``: ``(loss, LossStats)``, histogram options
     ``stats_bins`` / ``stats_range`` set in the constructor).
+
+    ``distributed=True``: the loss of the global batch of a ``torch.distributed`` process group
+    (``group``, default the default group), for training under DDP, as
+    pytorch-metric-learning's ``DistributedLossWrapper``: each rank passes its own rows (see
+    :func:`adaptive_cl.distributed.adaptive_info_nce_distributed`), the value returned is the
+    global loss ("none": the rank's own row losses), and its gradient is scaled by the world
+    size W, so that after DDP *averages* the parameter gradients over the W ranks they equal
+    the gradient of the global loss in one process. (Calling ``adaptive_info_nce_distributed``
+    directly gives the unscaled gradient: multiply by W yourself there.) Every rank must call
+    forward and backward (collectives). Without an initialised process group: RuntimeError.
     """
 
     def __init__(
@@ -32,6 +42,8 @@ class AdaptiveInfoNCE(nn.Module):
         backend: str = "auto",
         stats_bins: int = 2048,
         stats_range: tuple[float, float] = (-1.0, 1.0),
+        distributed: bool = False,
+        group=None,
     ) -> None:
         super().__init__()
         self.options = make_options(
@@ -46,6 +58,12 @@ class AdaptiveInfoNCE(nn.Module):
         )
         self.backend = backends.check_name(backend)
         self.stats_spec = make_stats_spec(stats_bins, stats_range)
+        if not isinstance(distributed, bool):
+            raise ValueError(f"distributed must be a bool; got {distributed!r}")
+        if group is not None and not distributed:
+            raise ValueError("group is only used with distributed=True")
+        self.distributed = distributed
+        self.group = group
 
     def forward(
         self,
@@ -56,8 +74,29 @@ class AdaptiveInfoNCE(nn.Module):
         return_stats: bool = False,
     ):
         stats = self.stats_spec if _check_flag(return_stats) else None
+        if self.distributed:
+            return self._distributed(z, z_aug, k, labels, stats)
         return apply_loss(z, z_aug, k, labels, self.options, self.backend, stats)
+
+    def _distributed(self, z, z_aug, k, labels, stats):
+        import torch.distributed as dist
+
+        from .distributed import adaptive_info_nce_distributed
+
+        o = self.options
+        out = adaptive_info_nce_distributed(
+            z, z_aug, k, labels=labels, temperature=o.temperature, normalize=o.normalize,
+            denominator=o.denominator, weighting=o.weighting, positive_weight=o.positive_weight,
+            threshold=o.threshold, threshold_scale=o.threshold_scale, reduction=o.reduction,
+            backend=self.backend, group=self.group, return_stats=stats is not None,
+            stats_bins=stats.bins if stats else 2048, stats_range=stats.range if stats else (-1.0, 1.0))
+        loss, rest = (out[0], out[1:]) if stats is not None else (out, ())
+        world = dist.get_world_size(self.group)
+        # the same value, W times the gradient: loss - loss.detach() is exactly 0 forward
+        loss = loss + (world - 1) * (loss - loss.detach())
+        return (loss, *rest) if stats is not None else loss
 
     def extra_repr(self) -> str:
         o = self.options
-        return ", ".join(f"{f}={getattr(o, f)!r}" for f in o.__dataclass_fields__) + f", backend={self.backend!r}"
+        extra = ", distributed=True" if self.distributed else ""
+        return ", ".join(f"{f}={getattr(o, f)!r}" for f in o.__dataclass_fields__) + f", backend={self.backend!r}" + extra

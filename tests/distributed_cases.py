@@ -217,3 +217,52 @@ def worker(rank: int, world: int, init_file: str, layouts) -> None:
         dist.barrier()  # leave together (a teardown racing a busy peer can hang)
     finally:
         dist.destroy_process_group()
+
+
+def ddp_module_worker(rank: int, world: int, init_file: str, sizes) -> None:
+    """AdaptiveInfoNCE(distributed=True) under DDP: a Linear encoder, each rank its own rows of
+    a global batch; after backward (DDP averages) the parameter gradients equal one process's on
+    the whole batch with the plain Module, and the returned value is the global loss. The
+    direct adaptive_info_nce_distributed call, without the Module's scaling, gives 1/W of it
+    (the trap the mode removes)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from adaptive_cl import AdaptiveInfoNCE
+    from helpers import assert_close_normwise
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        b, d = sum(sizes), 6
+        x, xa = views(b, d, seed=41, dtype=torch.float64)
+        torch.manual_seed(0)
+        base = torch.nn.Linear(d, d).double()
+        opts = dict(temperature=0.5, threshold="soft", threshold_scale=0.1)
+        k = 0.2
+        one = torch.nn.Linear(d, d).double()
+        one.load_state_dict(base.state_dict())
+        full = AdaptiveInfoNCE(**opts)(one(x), one(xa), k)
+        full.backward()
+        want = [p.grad for p in one.parameters()]
+
+        for scaled in (True, False):
+            model = torch.nn.Linear(d, d).double()
+            model.load_state_dict(base.state_dict())
+            ddp = DDP(model)
+            xl, xal = _own(x, sizes, rank), _own(xa, sizes, rank)
+            if scaled:
+                loss = AdaptiveInfoNCE(distributed=True, **opts)(ddp(xl), ddp(xal), k)
+                assert_close_normwise(loss.detach(), full.detach(), dtype=torch.float64, length=2 * b + d)
+            else:
+                loss = adaptive_info_nce_distributed(ddp(xl), ddp(xal), k, **opts)
+            loss.backward()
+            got = [p.grad for p in model.parameters()]
+            for g, w in zip(got, want):
+                if scaled:
+                    assert_close_normwise(g, w, dtype=torch.float64, length=2 * b + d, what="DDP gradient")
+                else:
+                    assert_close_normwise(g * world, w, dtype=torch.float64, length=2 * b + d)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
