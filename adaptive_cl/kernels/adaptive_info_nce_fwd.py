@@ -328,13 +328,17 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
     return m_run, l_run, cnt, sum_c, c_par, hist
 
 
-# The batch-dependent integers (B, N, the row range, the threshold stride) are not specialised:
-# Triton would otherwise compile a kernel per value class (== 1, divisible by 16), so a partial
-# last batch recompiled every kernel mid-epoch (issue 23). D and ld stay specialised. Cost,
-# measured with compile_check (bfloat16 D = 64, interior path): N's divisibility by 16 let the
-# column loads' masks be vectorised; without it the forward takes 17.8 instructions per element
-# instead of 16.0 (the backward 24.9 instead of 24.5): benchmarks/NOTES.md.
-@triton.jit(do_not_specialize=["B", "N", "row_start", "row_stop", "s_k"])
+# Which integer arguments Triton specialises (== 1, divisible by 16) is chosen on purpose
+# (issue 23, compile facts in benchmarks/NOTES.md). Not specialised: B and the row range (a
+# partial last batch, or a rank's range, would otherwise compile new kernels, for no gain).
+# Specialised: D and ld (fixed per model; the tiles' loads vectorise on them); s_k (1 for any
+# contiguous threshold tensor, whatever the batch: unspecialised, the threshold loads become
+# gathers, +3.4 backward instructions per element on triton 3.6); and N, because the column
+# loads' masks (cols < N) vectorise only when N is known to be a multiple of 16 (unspecialised:
+# bfloat16 D = 64 backward 35.2 instead of 26.0 instructions per element on triton 3.6). So a
+# batch whose N = 2B is not a multiple of 16 compiles this kernel and the backward once more per
+# process (then cached), never more; the row-statistics and per-row kernels never.
+@triton.jit(do_not_specialize=["B", "row_start", "row_stop"])
 def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr, ha_ptr, hist_ptr,
                 B, N, D, ld, row_start, row_stop, s_k,
                 k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale, one,

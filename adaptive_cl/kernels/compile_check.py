@@ -238,10 +238,10 @@ def specialization_key(launch: Launch, arch: int = 90) -> str:
     return repr((signature, sorted(constexprs.items()), sorted(attrs.items()), sorted(options.__dict__.items())))
 
 
-def batch_specializations(v: Variant, batches=(8192, 8191, 4097, 1000), arch: int = 90) -> dict:
+def batch_specializations(v: Variant, batches=(8192, 8191, 4096, 1000), arch: int = 90) -> dict:
     """{kernel role: distinct specialisation keys} over the launches of one forward + backward
-    at each batch size of ``batches`` (same D, dtype, options): 1 per kernel when a partial
-    last batch reuses the full batches' binaries."""
+    at each batch size of ``batches`` (same D, dtype, options): 1 per kernel when the batches
+    reuse one set of binaries."""
     keys: dict = {}
     for b in batches:
         for launch in launches_for(Variant(v.dtype, v.path, v.d, v.opts, v.k, b=b, labels=v.labels, stats=v.stats)):
@@ -488,9 +488,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--variants", default=None,
                     help="only these variants: comma-separated dtype/path/D, e.g. float32/3xtf32/64")
-    ap.add_argument("--batch-keys", action="store_true",
-                    help="report the distinct specialisation keys per kernel over batch sizes 8192, 8191, "
-                         "4097, 1000 (a partial batch must not recompile) instead of compiling")
+    ap.add_argument("--batch-keys", default=None, metavar="B,B,...",
+                    help="instead of compiling, report the distinct specialisation keys per kernel over these "
+                         "batch sizes (e.g. 8192,8191,4096,1000: does a partial batch recompile?)")
     args = ap.parse_args(argv)
     from . import adaptive_info_nce_fwd as fwd
 
@@ -508,12 +508,13 @@ def main(argv=None) -> int:
             dt, path, d = spec.split("/")
             variants.append(Variant(getattr(torch, dt), path, int(d)))
     if args.batch_keys:
-        facts = {v.name: batch_specializations(v, arch=args.arch) for v in variants}
+        batches = tuple(int(b) for b in args.batch_keys.split(","))
+        facts = {v.name: batch_specializations(v, batches, arch=args.arch) for v in variants}
         for name, per in facts.items():
             print(f"{name}: " + ", ".join(f"{role} {n}" for role, n in per.items()))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(triton=triton.__version__, batch_keys=facts), f, indent=1)
+                json.dump(dict(triton=triton.__version__, batches=batches, batch_keys=facts), f, indent=1)
         return 0
     rows = []
     for v in variants:
