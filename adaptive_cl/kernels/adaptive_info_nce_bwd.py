@@ -240,8 +240,8 @@ def _grad_tile(c, rows, cols, prow, N, k_i, k_j, lab_i, lab_j, a_i, bx_i, bp_i, 
     return g_i + g_j, dk_acc
 
 
-# As _fwd_kernel: B and the row range unspecialised; N and s_k specialised (see there).
-@triton.jit(do_not_specialize=["B", "row_start", "row_stop"])
+# As _fwd_kernel: B unspecialised; N, the row range and s_k specialised (see there).
+@triton.jit(do_not_specialize=["B"])
 def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_ptr,
                 a_ptr, bx_ptr, bp_ptr, uu_ptr, ha_ptr, post_ptr, dz_ptr, dk_ptr,
                 B, N, D, ld, row_start, row_stop, s_k, k_scalar, qk_scale, nlb, kappa, one,

@@ -329,16 +329,18 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
 
 
 # Which integer arguments Triton specialises (== 1, divisible by 16) is chosen on purpose
-# (issue 23, compile facts in benchmarks/NOTES.md). Not specialised: B and the row range (a
-# partial last batch, or a rank's range, would otherwise compile new kernels, for no gain).
-# Specialised: D and ld (fixed per model; the tiles' loads vectorise on them); s_k (1 for any
+# (issue 23, compile facts in benchmarks/NOTES.md). Not specialised: B (a partial last batch
+# would otherwise compile new kernels, for no gain). Specialised: the row range (row_start is 0
+# and row_stop is N in a single-process call, so they add no key there; unspecialised, the
+# float32 "ieee" D = 64 kernels spill 8-16 B); D and ld (fixed per model; the tiles' loads
+# vectorise on them); s_k (1 for any
 # contiguous threshold tensor, whatever the batch: unspecialised, the threshold loads become
 # gathers, +3.4 backward instructions per element on triton 3.6); and N, because the column
 # loads' masks (cols < N) vectorise only when N is known to be a multiple of 16 (unspecialised:
 # bfloat16 D = 64 backward 35.2 instead of 26.0 instructions per element on triton 3.6). So a
 # batch whose N = 2B is not a multiple of 16 compiles this kernel and the backward once more per
 # process (then cached), never more; the row-statistics and per-row kernels never.
-@triton.jit(do_not_specialize=["B", "row_start", "row_stop"])
+@triton.jit(do_not_specialize=["B"])
 def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr, ha_ptr, hist_ptr,
                 B, N, D, ld, row_start, row_stop, s_k,
                 k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale, one,

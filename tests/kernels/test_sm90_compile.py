@@ -87,9 +87,9 @@ def _compile_check(tmp_path, *args):
 
 
 def test_a_partial_batch_reuses_the_compiled_kernels(tmp_path):
-    """issue 23: which arguments specialise is chosen (do_not_specialize): B and the row range
-    never; N only in the forward and backward, whose column masks need its divisibility by 16
-    (NOTES.md: 35 instead of 26 backward instructions per element on triton 3.6 without it). So batch sizes 8192, 8184, 4096 and 1000 (N a multiple of 16)
+    """issue 23: which arguments specialise is chosen (do_not_specialize): B never; N only in
+    the forward and backward, whose column masks need its divisibility by 16 (NOTES.md: 35
+    instead of 26 backward instructions per element on triton 3.6 without it). So batch sizes 8192, 8184, 4096 and 1000 (N a multiple of 16)
     share one key per kernel (before: 2 for every kernel, B's divisibility), and a partial
     batch with N not a multiple of 16 (8191) adds one key for the forward and the backward
     only, never for the row-statistics and per-row kernels (before: 3 / 3 / 2 / 3 over

@@ -363,7 +363,7 @@ def test_core_option_product(kind, den, weighting, path):
 
 
 # ------------------------------------------------------------- tf32: rounding, not truncation
-def _prepared(z, za, precision):
+def _prepared_rows(z, za, precision):
     from adaptive_cl.contract import make_options
     from adaptive_cl.kernels import function as kfunc
 
@@ -380,11 +380,11 @@ def test_tf32_path_prepares_operands_rounded_to_tf32():
     (low 13 mantissa bits zero, nearest with ties away), so the tensor cores' truncation of
     its operands is exact; the ieee path keeps full float32 rows."""
     z, za = make_views(19, 24, torch.float32, seed=31, device=DEVICE)
-    tf32 = _prepared(z, za, "high")
+    tf32 = _prepared_rows(z, za, "high")
     low = 0x1FFF
     for t in (tf32.zs, tf32.zh):  # columns past D: the row stride's padding, never read
         assert int((t[:, :24].contiguous().view(torch.int32) & low).count_nonzero()) == 0
-    ieee = _prepared(z, za, "highest")
+    ieee = _prepared_rows(z, za, "highest")
     assert int((ieee.zs[:, :24].contiguous().view(torch.int32) & low).count_nonzero()) > 0
     # rounded, not truncated: each value is the tf32 neighbour nearest the float32 row
     x = ieee.zs[:, :24].double()
