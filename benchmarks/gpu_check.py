@@ -196,9 +196,9 @@ def write_summary(path: str, header: list[str], results: list[tuple[str, str, st
 def execute(steps: list[Step], *, out: str, total_s: float, log: Tee, header: list[str] | None = None,
             started: float | None = None, grace_s: float = KILL_GRACE_S) -> list[tuple[str, str, str]]:
     """Run ``steps`` in order within one deadline (``started`` + ``total_s``): step i runs for
-    min(cap_i, time left - its kill grace - sum over the later steps of (min_s + kill grace)). The summary is
+    min(cap_i, time left - 2 graces - sum over the later steps of (min_s + 2 graces)). The summary is
     rewritten and artefacts copied into ``out`` after every step. Returns (step, status, detail).
-    A step may overrun its limit by the kill grace, which the limits keep back."""
+    A stopped step may overrun its limit by up to two kill graces, which the limits keep back."""
     started = time.monotonic() if started is None else started
     deadline = started + total_s
     header = header or ["# gpu_check", ""]
@@ -206,8 +206,10 @@ def execute(steps: list[Step], *, out: str, total_s: float, log: Tee, header: li
     results: list[tuple[str, str, str]] = []
     write_summary(summary, header, [(s.name, "pending", "") for s in steps], started)
     for i, step in enumerate(steps):
-        later = sum(s.min_s + grace_s for s in steps[i + 1:])  # each may need its kill grace too
-        limit = min(step.cap_s, deadline - time.monotonic() - later - grace_s)
+        # A stopped step may overrun its limit by its kill grace and by the time to stop it (scan
+        # its descendants, drain its output, a loaded machine's slow exit): 2 graces each.
+        later = sum(s.min_s + 2 * grace_s for s in steps[i + 1:])
+        limit = min(step.cap_s, deadline - time.monotonic() - later - 2 * grace_s)
         if limit < step.min_s:
             results.append((step.name, "skipped", f"no time left ({max(limit, 0):.0f} s < {step.min_s:.0f} s)"))
             log(f"\n## {step.name}: skipped, {max(limit, 0):.0f} s left for it")
