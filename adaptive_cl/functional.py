@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 
 from . import backends, ops
 from .contract import LossOptions, StatsSpec, extended_options, make_options, make_stats_spec, prepare
+
+
+def autocast_dtype(z: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype in force for z's device type, or None when autocast is off there."""
+    if not isinstance(z, torch.Tensor):
+        return None
+    kind = z.device.type
+    try:
+        if not torch.is_autocast_enabled(kind):
+            return None
+        return torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError, AttributeError):  # a device type autocast does not know
+        return None
+
+
+def autocast_inputs(z, z_aug):
+    """The autocast rule (README, "Mixed precision"): the loss behaves like a function wrapped
+    in ``torch.amp.custom_fwd(device_type, cast_inputs=<autocast dtype>)``, as fused losses do:
+    inside an enabled autocast region of z's device type, floating z and z_aug (float64 kept, as
+    autocast keeps it) are cast to the region's dtype (so a float32 z under bf16 autocast takes
+    the bfloat16 tensor-core path, and a bf16 / float32 mix of z and z_aug is allowed), and the
+    loss runs with autocast disabled (its float32 accumulation is not autocast's to change).
+    Gradients come back in each input's own dtype (autograd of the cast). Outside autocast the
+    dtypes must match (TypeError). Returns (z, z_aug, context manager to run the loss in)."""
+    dtype = autocast_dtype(z)
+    if dtype is None:
+        return z, z_aug, contextlib.nullcontext()
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(z), cast(z_aug), torch.autocast(z.device.type, enabled=False)
 
 
 def apply_loss(
@@ -33,7 +68,19 @@ def apply_loss(
     (N x N memory on every backend, the fused kernel's included; still no break, so
     ``fullgraph=True`` holds). The issue-24 setups (``extended_options``) run inside their own
     op (``adaptive_cl::info_nce_setup``) under torch.compile; ``backends.resolve`` routes or
-    refuses them by backend, in eager mode as in the op."""
+    refuses them by backend, in eager mode as in the op. Under autocast the inputs follow
+    :func:`autocast_inputs` (a queue of negatives is cast with them)."""
+    dtype = autocast_dtype(z)
+    z, z_aug, region = autocast_inputs(z, z_aug)
+    if (dtype is not None and isinstance(negatives, torch.Tensor)
+            and negatives.is_floating_point() and negatives.dtype != torch.float64):
+        negatives = negatives.to(dtype)
+    with region:
+        return _apply(z, z_aug, k, labels, options, backend, stats, temperature, negatives,
+                      log_q, mask)
+
+
+def _apply(z, z_aug, k, labels, options, backend, stats, temperature, negatives, log_q, mask):
     p = prepare(z, z_aug, k, labels, options, stats, temperature=temperature, negatives=negatives,
                 log_q=log_q, mask=mask)
     if ops.AVAILABLE and torch.compiler.is_compiling() and extended_options(p):
@@ -138,6 +185,10 @@ def adaptive_info_nce(
     Returns:
         The loss in float32 (float64 for float64 inputs); gradients reach z, z_aug in their
         own dtype and k (zero for the hard threshold). With ``return_stats``: (loss, LossStats).
+
+    Under ``torch.autocast`` (z's device type): z and z_aug are cast to the autocast dtype and
+    the loss runs with autocast off, as ``torch.amp.custom_fwd(cast_inputs=...)`` does (float64
+    inputs are kept); so z and z_aug may then differ in dtype. See :func:`autocast_inputs`.
 
     Non-finite values: one NaN or +-inf anywhere in z or z_aug makes every row's loss NaN (and
     so "mean"/"sum") and every element of the gradients of z and z_aug NaN, never a plausible

@@ -262,12 +262,15 @@ if AVAILABLE:
                            threshold, threshold_scale, reduction)
         p = _prepare(z, z_aug, k, k_value, labels, options)
         fn = backends.resolve(backend, p)
-        return _adapter(fn).backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad)
+        out = _adapter(fn).backward(fn, z, z_aug, k, k_value, labels, options, row_stats, grad)
+        # contiguous whatever the inputs' strides, as the fake below says (issue 23: a
+        # transposed z's fake gradient kept its strides while the kernels' is contiguous)
+        return tuple(t.contiguous() for t in out)
 
     @info_nce_backward_op.register_fake
     def _info_nce_backward_fake(grad, z, z_aug, k, k_value, labels, row_stats, *rest):
-        dk = z.new_empty((0,)) if k is None else torch.empty_like(k)
-        return torch.empty_like(z), torch.empty_like(z_aug), dk
+        dk = z.new_empty((0,)) if k is None else k.new_empty(k.shape)
+        return z.new_empty(z.shape), z_aug.new_empty(z_aug.shape), dk
 
     def _setup_context(ctx, inputs, output):
         z, z_aug, k, k_value, labels = inputs[:5]

@@ -535,6 +535,8 @@ def main(argv=None) -> int:
             compiled_shapes.add((n, d, dt))
         records.append(make_record(impl, n, d, dt, mode, ms, mib, **meta))
         print(f"  {tag}: {ms:.4f} ms, {mib:.1f} MiB ({time.monotonic() - t0:.1f} s)", flush=True)
+        # on disk after every measurement: a run stopped at its time limit keeps what it measured
+        write_records(args.output or results_path(device, date), records)
 
     print(f"\n{len(records)} measured, {len(skipped)} skipped, {len(errors)} errors")
     if not records:

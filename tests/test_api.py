@@ -10,7 +10,7 @@ from adaptive_cl import AdaptiveInfoNCE, adaptive_info_nce
 from adaptive_cl.backends import resolve
 from adaptive_cl.contract import make_options, prepare
 from adaptive_cl.reference import adaptive_info_nce_reference
-from helpers import safe_threshold, views
+from helpers import assert_close_normwise, safe_threshold, views
 
 
 def test_public_names():
@@ -55,5 +55,6 @@ def test_compiled_backend_matches_reference():
     (g_ref,) = torch.autograd.grad(expected, z)
     got = adaptive_info_nce(z, z_aug, k.float(), backend="compiled")
     (g_got,) = torch.autograd.grad(got, z)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
+    # float32 both, the compiler may reassociate: the suite's policy (N = 12 rows, D = 5)
+    assert_close_normwise(got, expected, dtype=torch.float32, length=12 + 5)
+    assert_close_normwise(g_got, g_ref, dtype=torch.float32, length=12 + 5)

@@ -25,6 +25,24 @@ def test_global_batch_equals_one_process(tmp_path, layouts):
     mp.spawn(distributed_cases.worker, args=(world, str(tmp_path / "store"), layouts), nprocs=world, join=True)
 
 
+def test_module_distributed_mode_under_ddp_trains_like_one_process(tmp_path):
+    """issue 23: AdaptiveInfoNCE(distributed=True) under DDP (gloo, 2 ranks, uneven shares)
+    gives the single-process parameter gradients; see distributed_cases.ddp_module_worker."""
+    mp.spawn(distributed_cases.ddp_module_worker, args=(2, str(tmp_path / "store"), (3, 4)), nprocs=2, join=True)
+
+
+def test_module_distributed_mode_checks_its_arguments():
+    from adaptive_cl import AdaptiveInfoNCE
+
+    with pytest.raises(ValueError, match="distributed must be a bool"):
+        AdaptiveInfoNCE(distributed="yes")
+    with pytest.raises(ValueError, match="group is only used with distributed=True"):
+        AdaptiveInfoNCE(group=object())
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            AdaptiveInfoNCE(distributed=True)(torch.randn(3, 2), torch.randn(3, 2))
+
+
 def test_needs_an_initialised_group():
     from adaptive_cl.distributed import adaptive_info_nce_distributed
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adaptive_cl import adaptive_info_nce
+from helpers import assert_close_normwise
 
 OPTIONS = st.fixed_dictionaries({
     "denominator": st.sampled_from(["negatives", "all"]),
@@ -16,6 +17,10 @@ OPTIONS = st.fixed_dictionaries({
     "positive_weight": st.floats(0.05, 0.95),
     "threshold_scale": st.floats(0.01, 1.0),
 })
+
+#: float64, the same loss summed in another order: the suite's policy with N + D <= 18 + 6 and
+#: the largest logit scale the strategies draw, 1/min(tau, beta) = 1/0.01, as condition.
+TOL = dict(dtype=torch.float64, length=18 + 6, cond=100.0)
 
 
 @st.composite
@@ -52,7 +57,7 @@ def test_permuting_pairs_permutes_rows(problem):
     perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
     expected = rows(z, z_aug, k, labels, options)
     got = rows(z[perm], z_aug[perm], k[perm], None if labels is None else labels[perm], options)
-    torch.testing.assert_close(got, expected[torch.cat([perm, perm + z.shape[0]])], rtol=1e-10, atol=1e-10)
+    assert_close_normwise(got, expected[torch.cat([perm, perm + z.shape[0]])], **TOL)
 
 
 @settings(max_examples=60, deadline=None)
@@ -61,15 +66,14 @@ def test_swapping_views_rolls_rows(problem):
     z, z_aug, k, labels, options = problem
     expected = rows(z, z_aug, k, labels, options)
     got = rows(z_aug, z, k, labels, options)
-    torch.testing.assert_close(got, expected.roll(z.shape[0]), rtol=1e-10, atol=1e-10)
+    assert_close_normwise(got, expected.roll(z.shape[0]), **TOL)
 
 
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.floats(0.1, 10.0))
 def test_cosine_loss_is_scale_invariant(problem, scale):
     z, z_aug, k, labels, options = problem
-    torch.testing.assert_close(rows(z * scale, z_aug, k, labels, options), rows(z, z_aug, k, labels, options),
-                               rtol=1e-9, atol=1e-9)
+    assert_close_normwise(rows(z * scale, z_aug, k, labels, options), rows(z, z_aug, k, labels, options), **TOL)
 
 
 @settings(max_examples=60, deadline=None)

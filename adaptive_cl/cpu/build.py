@@ -13,6 +13,10 @@ On x86-64 the flags follow the capability torch itself dispatches to here
 aarch64 NEON needs no flags. The ``CPU_CAPABILITY`` namespace gets a name of its own so the
 extension's inline copies never clash with libtorch's.
 
+The first build takes about a minute: it says so once on stderr, with the cache folder, and
+``python -m adaptive_cl.cpu.build`` (console script ``adaptive-cl-build-cpu``) builds it ahead of
+time (container images, CI), printing where it is cached.
+
 Nothing here raises on a failed build: :func:`load_error` returns the reason (no compiler, no
 ninja, ...) and the backend registry decides (``"auto"`` falls back to the reference with one
 warning, ``"cpu"`` raises). ``ADAPTIVE_CL_CPU_EXTENSION=0`` turns the extension off.
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DISABLE_ENV", "disabled", "extension", "load_error", "source_dir"]
+__all__ = ["DISABLE_ENV", "build_dir", "disabled", "extension", "load_error", "main", "source_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,13 @@ def _load():
     _ninja_on_path()
     isa, cflags, ldflags = _build_args()
     name = _name(src, isa, cflags, ldflags)
-    log.info("adaptive_cl: loading the CPU extension %s (compiled on first use, then cached)", name)
+    folder = build_dir(name)
+    if not _built(folder, name):
+        # once per build (this function runs once per process): a silent minute looks like a hang
+        print(f"adaptive_cl: building the C++ CPU extension {name} (about a minute, once per machine "
+              f"and version); cached in {folder}. Build it ahead with: python -m adaptive_cl.cpu.build",
+              file=sys.stderr, flush=True)
+    log.info("adaptive_cl: loading the CPU extension %s from %s", name, folder)
     return cpp_extension.load(
         name=name,
         sources=[str(src / _MAIN)],
@@ -125,6 +135,19 @@ def _load():
         extra_ldflags=ldflags,
         verbose=False,
     )
+
+
+def build_dir(name: str) -> Path:
+    """torch's build folder of the extension ``name`` ($TORCH_EXTENSIONS_DIR/<python-torch tag>/name)."""
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
+
+
+def _built(folder: Path, name: str) -> bool:
+    """A built library is there (torch then only loads it, unless its sources changed: the name
+    carries their digest)."""
+    return any(folder.glob(f"{name}*.so")) or any(folder.glob(f"{name}*.pyd"))
 
 
 def _short(err: BaseException) -> str:
@@ -165,3 +188,26 @@ def extension():
     if _state["module"] is None:
         raise RuntimeError(_state["error"])
     return _state["module"]
+
+
+def main(argv=None) -> int:
+    """``python -m adaptive_cl.cpu.build`` / ``adaptive-cl-build-cpu``: build (or find) the
+    extension now; prints its cache folder. Exit status 0 when it loads, 1 with the reason."""
+    import argparse
+
+    argparse.ArgumentParser(description="Build the adaptive_cl C++ CPU extension ahead of its first use "
+                                        "(cached per machine; $TORCH_EXTENSIONS_DIR chooses the folder).").parse_args(argv)
+    if disabled():
+        print(f"adaptive_cl: the CPU extension is disabled ({DISABLE_ENV}=0): nothing built", file=sys.stderr)
+        return 1
+    error = load_error()
+    if error is not None:
+        print(f"adaptive_cl: {error}", file=sys.stderr)
+        return 1
+    module = _state["module"]
+    print(f"adaptive_cl: CPU extension ready: {getattr(module, '__file__', module)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,16 +44,17 @@ import triton
 import triton.language as tl
 
 from .adaptive_info_nce_fwd import cosine, label_threshold, left_operand, load_tile, s_tile, sigmoid2, special_tile
+from .row_stats import round_tf32
 
 #: S maps max_i |u_i| W_i into [2^G_TARGET, 2^(G_TARGET + 1)) (see the module docstring).
 G_TARGET: tl.constexpr = tl.constexpr(13)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _bwd_rows_kernel(u_ptr, cnt_ptr, rs_ptr, wx_ptr, hin_ptr, inv_ptr, a_ptr, bx_ptr, bp_ptr, uu_ptr, ha_ptr,
                      post_ptr, N, u_scale, alpha, inv_tau, kappa,
                      PER_ROW_U: tl.constexpr, FIXED_SHIFT: tl.constexpr, UNIT: tl.constexpr,
-                     SOFT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+                     SOFT: tl.constexpr, NORMALIZE: tl.constexpr, DEN_ALL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     u0 = 0.0
     if not PER_ROW_U:
@@ -68,7 +69,10 @@ def _bwd_rows_kernel(u_ptr, cnt_ptr, rs_ptr, wx_ptr, hin_ptr, inv_ptr, a_ptr, bx
         zmax = tl.max(topn, axis=0)
     if PER_ROW_U or UNIT or SOFT:
         # big = max_i |u_i| bound_i, bound_i >= |dl_i/ds_ij| (hard: W_i; soft: also the
-        # membership term (tau/beta) a(1 - a) |dl_i/da_ij| <= (kappa/4)(|A_i| + B_i |c| + W_i))
+        # membership term (tau/beta) a(1 - a) |dl_i/da_ij|, dl_i/da_ij = A_i - B_i c - [negatives] W_i E_ij:
+        # a(1 - a) <= 1/4 bounds the first two, but E_ij is not <= 1 with denominator="negatives"
+        # (only (1 - a) E_ij <= 1: the pair's weight in its own denominator), so that term's
+        # bound is a(1 - a) W E <= a W <= W, not W/4 (issue 23: the float16 scale was 4x low)
         top = tl.zeros([BLOCK], dtype=tl.float32)
         for n0 in range(0, N, BLOCK):
             r = n0 + offs
@@ -91,7 +95,10 @@ def _bwd_rows_kernel(u_ptr, cnt_ptr, rs_ptr, wx_ptr, hin_ptr, inv_ptr, a_ptr, bx
                 cmax = 1.001
                 if not NORMALIZE:
                     cmax = zmax / tl.load(inv_ptr + r, mask=ok, other=1.0)
-                bound = w_tot + wx + 0.25 * kappa * (tl.abs(h_a) + wx * cmax * inv_tau + w_tot)
+                if DEN_ALL:  # no W E term in dl/da
+                    bound = w_tot + wx + 0.25 * kappa * (tl.abs(h_a) + wx * cmax * inv_tau)
+                else:
+                    bound = w_tot + wx + kappa * (0.25 * (tl.abs(h_a) + wx * cmax * inv_tau) + w_tot)
             top = tl.maximum(top, tl.abs(u) * bound)
         big = tl.max(top, axis=0)
     else:
@@ -233,13 +240,14 @@ def _grad_tile(c, rows, cols, prow, N, k_i, k_j, lab_i, lab_j, a_i, bx_i, bp_i, 
     return g_i + g_j, dk_acc
 
 
-@triton.jit
+# As _fwd_kernel: B unspecialised; N, the row range and s_k specialised (see there).
+@triton.jit(do_not_specialize=["B"])
 def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_ptr,
                 a_ptr, bx_ptr, bp_ptr, uu_ptr, ha_ptr, post_ptr, dz_ptr, dk_ptr,
                 B, N, D, ld, row_start, row_stop, s_k, k_scalar, qk_scale, nlb, kappa, one,
                 NORMALIZE: tl.constexpr, FIXED_SHIFT: tl.constexpr, K_MODE: tl.constexpr,
                 DEN_ALL: tl.constexpr, DOT_PREC: tl.constexpr,
-                LABELS: tl.constexpr, SOFT: tl.constexpr, K_GRAD: tl.constexpr,
+                LABELS: tl.constexpr, SOFT: tl.constexpr, K_GRAD: tl.constexpr, ROUND_TF32: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 K_CHUNK: tl.constexpr, ONE_CHUNK: tl.constexpr, SPLIT_D: tl.constexpr):
     # dz_ptr: (row_stop - row_start, D) contiguous, float32 or the input dtype. SOFT: thresholds
@@ -311,12 +319,19 @@ def _bwd_kernel(zs_ptr, zh_ptr, inv_ptr, jac_ptr, big_ptr, k_ptr, lab_ptr, flag_
         if NORMALIZE and SPLIT_D:
             rad += tl.sum(p * c, axis=1)
         vj = load_tile(opnd, cols, dv, N, D, ld)
-        if DOT_PREC == "3xtf32":  # float32 G' and Z^_J: lo*hi + hi*lo + hi*hi, one chain
+        if DOT_PREC == "3xtf32":
+            # float32 G' and Z^_J: lo*hi + hi*lo + hi*hi, one chain onto acc. Unlike the S tile
+            # (dot_nt: c_ij must equal c_ji), this product has no transposed twin, so a fixed
+            # order is all determinism needs; two independent accumulators here cost 11 registers
+            # and spilled (compile_check, float32 3xtf32 D = 64).
             p_hi, p_lo = left_operand(p, DOT_PREC)
             v_hi, v_lo = left_operand(vj, DOT_PREC)
             acc = tl.dot(p_lo, v_hi, acc, input_precision="tf32")
             acc = tl.dot(p_hi, v_lo, acc, input_precision="tf32")
             acc = tl.dot(p_hi, v_hi, acc, input_precision="tf32")
+        elif ROUND_TF32:
+            # round G' to tf32 (Z^_J was rounded by the row-stats pass): the wgmma truncates
+            acc = tl.dot(round_tf32(p), vj, acc, input_precision="tf32")
         else:
             acc = tl.dot(p.to(vj.dtype), vj, acc, input_precision=DOT_PREC)
 

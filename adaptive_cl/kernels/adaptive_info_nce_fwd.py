@@ -40,6 +40,8 @@ import os
 import triton
 import triton.language as tl
 
+from .row_stats import round_tf32
+
 #: log2(e): logits are scaled into base 2 once, so every exponential is a bare ``exp2``.
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -74,9 +76,17 @@ def load_tile(ptr, rows, d_offs, N, D, ld):
 def split_tf32(x):
     """x = hi + lo with hi exactly representable in tf32 (round half away on the 13 dropped
     mantissa bits) and lo = x - hi exact in float32."""
-    xi = x.to(tl.int32, bitcast=True)
-    hi = ((xi + 4096) & -8192).to(tl.float32, bitcast=True)
+    hi = round_tf32(x)
     return hi, x - hi
+
+
+@triton.jit
+def sym_sum(x, y):
+    """x + y rounded once, as an FMA x * 1 + y: the same bits as y + x, and not an ``arith.addf``,
+    so Triton's combine pass cannot fold a zero-accumulator ``dot`` operand into an accumulating
+    chain (``dot(a, b) + d`` -> ``dot(a, b, d)``), whose order would depend on which operand is
+    which (issue 23)."""
+    return tl.fma(x, 1.0, y)
 
 
 @triton.jit
@@ -84,14 +94,18 @@ def dot_nt(a, a_lo, b, acc, DOT_PREC: tl.constexpr):
     """acc + a b^T in float32. "3xtf32": ``a`` and ``a_lo`` are the split_tf32 halves of the
     left operand (split once by the caller when it is reused), and three tf32 tensor-core
     products give about float32 accuracy (the missing lo*lo term is <= 2^-22 |a||b|); the two
-    cross terms are separate products added elementwise, so the (i, j) entry and the (j, i)
-    entry of the swapped call are the same bits (Triton's built-in "tf32x3" chains them in
-    operand order, which breaks that). "ieee": float32 FMA; "tf32": one tensor-core pass;
-    half types: native MMA (``a_lo`` unused)."""
+    cross terms are independent products (zero accumulators) summed by ``sym_sum``, and the
+    hi*hi product accumulates onto acc + that sum, so the (i, j) entry and the (j, i) entry of
+    the swapped call are the same bits: hi_i.lo_j and lo_i.hi_j swap places, and their one
+    rounded sum does not depend on the order (a chain hi.lo -> lo.hi, which Triton's combine
+    pass made of ``dot + dot``, and its built-in "tf32x3", do). "ieee": float32 FMA; "tf32":
+    one tensor-core pass on operands the row-stats pass rounded to tf32; half types: native
+    MMA (``a_lo`` unused)."""
     if DOT_PREC == "3xtf32":
         b_hi, b_lo = split_tf32(b)
-        small = tl.dot(a, tl.trans(b_lo), input_precision="tf32") + tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
-        return tl.dot(a, tl.trans(b_hi), acc, input_precision="tf32") + small
+        hl = tl.dot(a, tl.trans(b_lo), input_precision="tf32")
+        lh = tl.dot(a_lo, tl.trans(b_hi), input_precision="tf32")
+        return tl.dot(a, tl.trans(b_hi), acc + sym_sum(hl, lh), input_precision="tf32")
     else:
         return tl.dot(a, tl.trans(b), acc, input_precision=DOT_PREC)
 
@@ -314,7 +328,19 @@ def _fwd_tile(c, rows, cols, prow, N, k_i, lab_i, lab_j, m_run, l_run, cnt, sum_
     return m_run, l_run, cnt, sum_c, c_par, hist
 
 
-@triton.jit
+# Which integer arguments Triton specialises (== 1, divisible by 16) is chosen on purpose
+# (issue 23, compile facts in benchmarks/NOTES.md). Not specialised: B (a partial last batch
+# would otherwise compile new kernels, for no gain). Specialised: the row range (row_start is 0
+# and row_stop is N in a single-process call, so they add no key there; unspecialised, the
+# float32 "ieee" D = 64 kernels spill 8-16 B); D and ld (fixed per model; the tiles' loads
+# vectorise on them); s_k (1 for any
+# contiguous threshold tensor, whatever the batch: unspecialised, the threshold loads become
+# gathers, +3.4 backward instructions per element on triton 3.6); and N, because the column
+# loads' masks (cols < N) vectorise only when N is known to be a multiple of 16 (unspecialised:
+# bfloat16 D = 64 backward 35.2 instead of 26.0 instructions per element on triton 3.6). So a
+# batch whose N = 2B is not a multiple of 16 compiles this kernel and the backward once more per
+# process (then cached), never more; the row-statistics and per-row kernels never.
+@triton.jit(do_not_specialize=["B"])
 def _fwd_kernel(zs_ptr, inv_ptr, k_ptr, lab_ptr, flag_ptr, loss_ptr, cnt_ptr, rs_ptr, wx_ptr, ha_ptr, hist_ptr,
                 B, N, D, ld, row_start, row_stop, s_k,
                 k_scalar, qk_scale, inv_tau, alpha, log_alpha, log_1m_alpha, nlb, lo, bin_scale, one,

@@ -113,27 +113,33 @@ def main(argv=None) -> int:
     before = torch.get_float32_matmul_precision()
     table = dict(launch.TABLE)
     report = [f"# launch table measured on {torch.cuda.get_device_name(0)}, N = {args.n}", ""]
+
+    def emit(lines: list[str], mode: str = "a") -> None:
+        """Print a section and append it to --out at once: a run stopped by its time limit keeps
+        every combination measured so far (issue 23: the report used to be written at the end)."""
+        text = "\n".join(lines)
+        print(text, flush=True)
+        if args.out:
+            with open(args.out, mode) as f:
+                f.write(text + "\n")
+
+    emit(report, "w")
     t0 = time.monotonic()
     try:
         for bucket in buckets:
             for dt, path in keys:
                 dtype = getattr(torch, dt)
                 results, best = measure(bucket, dtype, path, args.n, limit=4 if args.quick else None)
-                report.append(f"## D bucket {bucket}, {dt}, {path}")
-                report += [f"- {c.as_tuple()}: " + (f"{ms:.3f} ms" if ms is not None else f"skipped ({note})")
-                           for c, ms, note in results]
+                section = [f"## D bucket {bucket}, {dt}, {path}"]
+                section += [f"- {c.as_tuple()}: " + (f"{ms:.3f} ms" if ms is not None else f"skipped ({note})")
+                            for c, ms, note in results]
                 if best is not None:
                     table[(bucket, dt, path)] = best
-                    report.append(f"- best: {best.as_tuple()}")
-                report.append("")
+                    section.append(f"- best: {best.as_tuple()}")
+                emit(section + [""])
     finally:
         torch.set_float32_matmul_precision(before)
-    report += ["```python", format_table(table), "```", f"({time.monotonic() - t0:.0f} s)"]
-    text = "\n".join(report)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(["```python", format_table(table), "```", f"({time.monotonic() - t0:.0f} s)"])
     return 0
 
 

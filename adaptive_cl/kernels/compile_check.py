@@ -216,6 +216,53 @@ def compile_launch(launch: Launch, arch: int = 90):
     return _COMPILED[key]
 
 
+#: 3xtf32: tt.dot ops allowed to take another dot's result as accumulator. The S tile (both
+#: passes) none: its cross products are summed order-independently (c_ij == c_ji). The backward's
+#: G' Z^_J product chains its three passes on purpose (no transposed twin): 2.
+CHAINED_DOTS_ALLOWED = {"fwd": 0, "bwd": 2}
+
+
+def specialization_key(launch: Launch, arch: int = 90) -> str:
+    """What Triton keys a compiled kernel on for this launch (signature, constexprs,
+    specialisation attributes, options): two launches with equal keys share one binary."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs, debug=False)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return repr((signature, sorted(constexprs.items()), sorted(attrs.items()), sorted(options.__dict__.items())))
+
+
+def batch_specializations(v: Variant, batches=(8192, 8191, 4096, 1000), arch: int = 90) -> dict:
+    """{kernel role: distinct specialisation keys} over the launches of one forward + backward
+    at each batch size of ``batches`` (same D, dtype, options): 1 per kernel when the batches
+    reuse one set of binaries."""
+    keys: dict = {}
+    for b in batches:
+        for launch in launches_for(Variant(v.dtype, v.path, v.d, v.opts, v.k, b=b, labels=v.labels, stats=v.stats)):
+            keys.setdefault(kernel_role(launch), set()).add(specialization_key(launch, arch))
+    return {role: len(k) for role, k in keys.items()}
+
+
+def chained_dots(ttir: str) -> int:
+    """``tt.dot`` ops whose accumulator operand is another ``tt.dot``'s result: Triton's combine
+    pass folds ``dot(a, b) + d`` into ``dot(a, b, d)``, so two products meant to be summed
+    independently become one order-dependent chain (issue 23: 3xtf32's c_ij != c_ji)."""
+    results = set()
+    chained = 0
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w#]+)\s*=\s*tt\.dot\s+(%[\w#]+),\s*(%[\w#]+),\s*(%[\w#]+)", line)
+        if m:
+            chained += m.group(4) in results
+            results.add(m.group(1))
+    return chained
+
+
 _PTXAS = {"regs": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
           "spill_loads": r"(\d+) bytes spill loads", "stack": r"(\d+) bytes stack frame"}
 
@@ -370,6 +417,9 @@ def check_variant(v: Variant, arch: int = 90) -> list[dict]:
             rows.append(rec)
             continue
         rec.update(ok=True, compile_s=round(time.monotonic() - t0, 1), shared=ck.metadata.shared, **parse_ptxas(log))
+        if role in ("fwd", "bwd"):
+            rec["dots"] = ck.asm["ttir"].count("tt.dot ")
+            rec["chained_dots"] = chained_dots(ck.asm["ttir"])
         if rec["regs"] is None:
             rec.update(ok=False, error="no ptxas report (registers / spills) in the compile log")
         if role in ("fwd", "bwd"):
@@ -399,6 +449,9 @@ def problems(rows: list[dict]) -> list[str]:
         spill = (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
         if spill:  # every launch the package makes, options included
             out.append(f"{where}: spills {r['spill_stores']} B stores / {r['spill_loads']} B loads")
+        if r["path"] == "3xtf32" and (r.get("chained_dots") or 0) > CHAINED_DOTS_ALLOWED.get(r["role"], 0):
+            out.append(f"{where}: {r['chained_dots']} tt.dot accumulate onto another dot (3xtf32's S tile must "
+                       "sum its independent cross products symmetrically)")
         if (r.get("shared") or 0) > SMEM_LIMIT:
             out.append(f"{where}: shared memory {r['shared']} B > {SMEM_LIMIT} B")
         if r["default"] and r["dtype"] == "bfloat16" and r["D"] == 64 and r["role"] in TARGETS:
@@ -433,6 +486,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", default="default", choices=("ci", "default", "full"))
     ap.add_argument("--json", default=None, help="write every record to this file")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--variants", default=None,
+                    help="only these variants: comma-separated dtype/path/D, e.g. float32/3xtf32/64")
+    ap.add_argument("--batch-keys", default=None, metavar="B,B,...",
+                    help="instead of compiling, report the distinct specialisation keys per kernel over these "
+                         "batch sizes (e.g. 8192,8191,4096,1000: does a partial batch recompile?)")
     args = ap.parse_args(argv)
     from . import adaptive_info_nce_fwd as fwd
 
@@ -443,8 +501,23 @@ def main(argv=None) -> int:
     import triton
 
     print(f"# triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}", flush=True)
+    variants = variant_set(args.set)
+    if args.variants:
+        variants = []
+        for spec in args.variants.split(","):
+            dt, path, d = spec.split("/")
+            variants.append(Variant(getattr(torch, dt), path, int(d)))
+    if args.batch_keys:
+        batches = tuple(int(b) for b in args.batch_keys.split(","))
+        facts = {v.name: batch_specializations(v, batches, arch=args.arch) for v in variants}
+        for name, per in facts.items():
+            print(f"{name}: " + ", ".join(f"{role} {n}" for role, n in per.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(triton=triton.__version__, batches=batches, batch_keys=facts), f, indent=1)
+        return 0
     rows = []
-    for v in variant_set(args.set):
+    for v in variants:
         t0 = time.monotonic()
         got = check_variant(v, args.arch)
         rows += got

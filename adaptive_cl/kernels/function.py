@@ -83,6 +83,21 @@ def _run(kernel, grid, *args, **kwargs):
     LAUNCHER(kernel, grid, args, dict(kwargs, enable_fp_fusion=True))
 
 
+#: Round float32 operands to tf32 on the one-pass "tf32" path (the prepared rows in the
+#: row-stats pass, G' before the backward's second product): the tensor cores truncate them
+#: otherwise (issue 23). A switch only so the emulation test can show the truncation's error.
+ROUND_TF32 = True
+
+
+def _round_tf32(path: str) -> bool:
+    return ROUND_TF32 and path == "tf32"
+
+
+def _path_of(pr) -> str:
+    """The float32 path the prepared rows were made for (the matmul precision may change between passes)."""
+    return pr.consts["DOT_PREC"] if pr.zs.dtype == torch.float32 else "native"
+
+
 def _dot_prec(path: str) -> str:
     # Triton's input_precision; half types ignore it ("tf32" is its default).
     return "tf32" if path == "native" else path
@@ -130,7 +145,7 @@ def prepare_rows(z, z_aug, k_rows, k_scalar, o, *, labels_rows=None,
     _run(_row_stats_kernel, (triton.cdiv(n, rb),),
         z, z_aug, zs, zh, inv, jac, big, flag, b, n, d, ld,
         z.stride(0), z.stride(1), z_aug.stride(0), z_aug.stride(1),
-        NORMALIZE=o.normalize, BLOCK_R=rb, BLOCK_D=shape.block_d)
+        NORMALIZE=o.normalize, ROUND_TF32=_round_tf32(path), BLOCK_R=rb, BLOCK_D=shape.block_d)
     soft = o.threshold == "soft"
     # The soft threshold's membership is sigmoid((c - k)/beta) = 1 / (1 + 2^((k - c) log2(e)/beta)):
     # thresholds go to the kernels pre-multiplied by log2(e)/beta.
@@ -162,9 +177,9 @@ def dense_label_ids(labels: torch.Tensor) -> torch.Tensor:
     (half the registers of a column tile's labels, one float compare). A sort and a scan on the
     device: no host synchronisation."""
     srt, order = torch.sort(labels.to(torch.int64))
-    step = torch.ones(srt.shape, dtype=torch.int32, device=srt.device)
-    step[0] = 0
-    step[1:] = (srt[1:] != srt[:-1]).to(torch.int32)
+    # built by ops on device tensors only: an indexed write of a Python scalar (step[0] = 0)
+    # is a host-to-device copy on CUDA, a stall that also breaks CUDA-graph capture (issue 23)
+    step = torch.cat([torch.zeros_like(srt[:1], dtype=torch.int32), (srt[1:] != srt[:-1]).to(torch.int32)])
     ids = torch.empty_like(step)
     ids.scatter_(0, order, step.cumsum(0, dtype=torch.int32))
     return ids
@@ -267,7 +282,7 @@ def backward_rows(pr: Prepared, o, cnt, rs, wx, grad, row_start: int = 0, row_st
     _run(_bwd_rows_kernel, (1,), u, cnt, rs, wx, ha if soft else wx, pr.inv, a, bx, bp, uu, h_a, post, n,
          u_scale, o.positive_weight, 1.0 / o.temperature, kappa,
          PER_ROW_U=per_row, FIXED_SHIFT=fixed, UNIT=o.weighting == "unit", SOFT=soft,
-         NORMALIZE=pr.consts["NORMALIZE"], BLOCK=1024 if not fwd.INTERPRET else 64)
+         NORMALIZE=pr.consts["NORMALIZE"], DEN_ALL=pr.consts["DEN_ALL"], BLOCK=1024 if not fwd.INTERPRET else 64)
     r = row_stop - row_start
     dz = torch.empty((r, pr.d), dtype=pr.zs.dtype, device=dev)
     if r == 0:
@@ -281,7 +296,7 @@ def backward_rows(pr: Prepared, o, cnt, rs, wx, grad, row_start: int = 0, row_st
         post if dk is None else dk,
         pr.b, n, pr.d, pr.zs.stride(0), row_start, row_stop, pr.k_t.stride(0), pr.k_scalar,
         LOG2E / o.temperature, LOG2E / o.threshold_scale, kappa / math.log(2.0), 1.0,
-        **pr.consts, K_GRAD=dk is not None, BLOCK_M=sh.block_m, BLOCK_N=sh.block_n,
+        **pr.consts, K_GRAD=dk is not None, ROUND_TF32=_round_tf32(_path_of(pr)), BLOCK_M=sh.block_m, BLOCK_N=sh.block_n,
         BLOCK_D=sh.block_d, K_CHUNK=sh.k_chunk, ONE_CHUNK=sh.one_chunk, SPLIT_D=sh.split_d,
         num_warps=sh.num_warps, num_stages=sh.num_stages)
     return dz

@@ -64,10 +64,10 @@ TABLE: dict[tuple, LaunchConfig] = {
     ("wide", "float32", "ieee"): _C(32, 32, 4, 1, 16),
     (16, "float32", "3xtf32"): _C(128, 64, 8, 2),
     (32, "float32", "3xtf32"): _C(128, 64, 8, 2),
-    (64, "float32", "3xtf32"): _C(128, 64, 8, 2),
-    (128, "float32", "3xtf32"): _C(64, 32, 4, 2, None, 64),
-    (256, "float32", "3xtf32"): _C(64, 32, 4, 2, 64, 64),
-    ("wide", "float32", "3xtf32"): _C(64, 32, 4, 2, 64, 64),
+    (64, "float32", "3xtf32"): _C(128, 32, 8, 2),  # 128x64: 12 B spill once the S tile sums symmetrically
+    (128, "float32", "3xtf32"): _C(64, 32, 4, 2, 32, 64),  # K_CHUNK None: 108 B spill with the symmetric S tile
+    (256, "float32", "3xtf32"): _C(64, 32, 4, 2, 32, 64),  # K_CHUNK 64: 108 B spill with the symmetric S tile
+    ("wide", "float32", "3xtf32"): _C(64, 32, 4, 2, 32, 64),  # as D 256
     (16, "float32", "tf32"): _C(128, 64, 8, 2),
     (32, "float32", "tf32"): _C(128, 64, 8, 2),
     (64, "float32", "tf32"): _C(128, 64, 8, 2),

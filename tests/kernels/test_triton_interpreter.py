@@ -360,3 +360,67 @@ def test_core_option_product(kind, den, weighting, path):
                 positive_weight=0.4, reduction="none")
     u = torch.randn(34, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     check_against_reference(z, za, k, opts, torch.float32, u, 1e-5, 1e-5)
+
+
+# ------------------------------------------------------------- tf32: rounding, not truncation
+def _prepared_rows(z, za, precision):
+    from adaptive_cl.contract import make_options
+    from adaptive_cl.kernels import function as kfunc
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        return kfunc.prepare_rows(z, za, None, None, make_options(temperature=0.1))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_path_prepares_operands_rounded_to_tf32():
+    """issue 23: on the one-pass tf32 path the row-stats pass stores the rows rounded to tf32
+    (low 13 mantissa bits zero, nearest with ties away), so the tensor cores' truncation of
+    its operands is exact; the ieee path keeps full float32 rows."""
+    z, za = make_views(19, 24, torch.float32, seed=31, device=DEVICE)
+    tf32 = _prepared_rows(z, za, "high")
+    low = 0x1FFF
+    for t in (tf32.zs, tf32.zh):  # columns past D: the row stride's padding, never read
+        assert int((t[:, :24].contiguous().view(torch.int32) & low).count_nonzero()) == 0
+    ieee = _prepared_rows(z, za, "highest")
+    assert int((ieee.zs[:, :24].contiguous().view(torch.int32) & low).count_nonzero()) > 0
+    # rounded, not truncated: each value is the tf32 neighbour nearest the float32 row
+    x = ieee.zs[:, :24].double()
+    step = torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 11)  # tf32 ulp of each value
+    assert bool(((tf32.zs[:, :24].double() - x).abs() <= step / 2).all())
+
+
+def _tf32_errors(round_operands, monkeypatch):
+    from adaptive_cl.kernels import function as kfunc
+
+    monkeypatch.setattr(kfunc, "ROUND_TF32", round_operands)
+    # the quick CUDA grid's fp32-tf32 case: B = 257, D = 64, normalize=False, tau = 0.1
+    z, za = make_views(257, 64, torch.float32, seed=257, normalize=False, device=DEVICE)
+    outs = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        zt, zat = z.detach().to(dt).clone().requires_grad_(), za.detach().to(dt).clone().requires_grad_()
+        loss = adaptive_info_nce(zt, zat, None, temperature=0.1, normalize=False, backend=backend)
+        loss.backward()
+        outs.append((loss.detach().double(), torch.cat([zt.grad, zat.grad]).double()))
+    (loss, g), (ref, rg) = outs
+    return float((loss - ref).abs() / ref.abs()), rel_err(g, rg)
+
+
+def test_tf32_truncation_error_emulated(emulate_tf32, monkeypatch):
+    """The interpreter's tl.dot made to truncate tf32 operands as the hardware does
+    (``emulate_tf32``), float32 against the float64 reference: with the operands rounded first
+    (the kernels' tf32 path) the loss and gradient errors stay within the CUDA tests' tf32 bound
+    (2e-3); truncated alone they are biased low and do not (issue 23: 3.6e-3 / 2.1e-3 measured
+    this way)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        rounded = _tf32_errors(True, monkeypatch)
+        truncated = _tf32_errors(False, monkeypatch)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert max(rounded) <= 2e-3, rounded
+    assert max(truncated) > 2e-3, truncated
+    assert truncated[0] > 2 * rounded[0]  # the bias: truncation's loss error is the larger
