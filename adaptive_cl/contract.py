@@ -116,7 +116,7 @@ class Prepared:
     constant tensor and kernels may take the float instead and skip the load).
     ``labels_rows``: ``None`` or an ``(N,)`` int64 tensor.
     ``stats``: ``None``, or what ``return_stats=True`` asked for: the backend then returns
-    ``(loss, LossStats)`` (see :mod:`adaptive_cl.stats`).
+    ``(loss, LossStats)`` (see :mod:`adaptive_cl.histogram`).
 
     The setups of issue 24 (all ``None`` / defaults for the plain AdaptiveRec loss):
     ``options.layout`` / ``options.symmetric`` say which rows and columns exist (``rows``);

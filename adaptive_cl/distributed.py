@@ -75,6 +75,7 @@ import torch.distributed as dist
 from . import backends
 from .functional import _check_flag
 from .contract import LossOptions, Prepared, StatsSpec, extended_options, make_options, make_stats_spec, prepare
+from .histogram import LossStats
 from .reference import block_stats, pair_rows, row_block
 
 __all__ = ["adaptive_info_nce_distributed", "Shard", "RowsHook", "HOOKS"]
@@ -200,7 +201,6 @@ class TritonRows:
 
     def forward(self, shard, z_all, z_aug_all, k_own, k_scalar, labels_all, options, needs_grad, stats=None):
         from .kernels import function as f
-        from .stats import LossStats
 
         # A row's backward re-evaluates every other row's decisions: all thresholds are needed,
         # gathered even when k is a float (each rank's float is its own rows' threshold; ranks
@@ -444,8 +444,6 @@ def adaptive_info_nce_distributed(
                                  needs_grad, stats)
     if stats is None:
         return out
-    from .stats import LossStats
-
     loss, m, counts = out
     return loss, LossStats(m=m, histogram=counts, range=stats.range)
 
@@ -476,8 +474,6 @@ def _setup_loss(p: Prepared, shard: Shard):
                                  mask_all, needs_grad)
     if p.stats is None:
         return out
-    from .stats import LossStats
-
     loss, m, counts = out
     return loss, LossStats(m=m, histogram=counts, range=p.stats.range)
 

@@ -104,6 +104,7 @@ from dataclasses import dataclass
 import torch
 
 from .contract import NORM_EPS, LossOptions, Prepared, compute_dtype
+from .histogram import LossStats, bin_indices
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -352,10 +353,8 @@ def pair_rows(p: Prepared, pairs: torch.Tensor):
 
 
 def _stats_from(p: Prepared, bs: list[Block], memberships: list, finite: torch.Tensor):
-    """LossStats from the blocks' similarities and memberships (see adaptive_cl.stats): m of
+    """LossStats from the blocks' similarities and memberships (see adaptive_cl.histogram): m of
     every row in order, the histogram over every block's candidates."""
-    from .stats import LossStats
-
     parts = [block_stats(p.stats, finite, blk.c, a, blk.candidates) for blk, a in zip(bs, memberships)]
     if len(parts) == 1:
         return parts[0]
@@ -369,8 +368,6 @@ def block_stats(spec, finite: torch.Tensor, c: torch.Tensor, a: torch.Tensor | N
     memberships ``a``: m_i = sum_j a_ij, and the histogram (``spec``: a StatsSpec) of c over
     the rows' candidates; NaN m and zero counts unless ``finite`` (a 0-d bool tensor: every
     input element finite). Histograms of a partition of the rows add up to the whole one's."""
-    from .stats import LossStats, bin_indices
-
     # scatter_add over every pair, candidates weighted 1: a fixed-size result (a boolean-mask
     # index or bincount would make the host wait for a CUDA device)
     counts = torch.zeros(spec.bins, dtype=torch.int64, device=c.device).scatter_add_(

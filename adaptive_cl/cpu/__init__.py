@@ -19,6 +19,8 @@ import torch
 import dataclasses
 
 from ..contract import Prepared
+from ..histogram import LossStats
+from ..reference import adaptive_info_nce_reference
 from . import build
 from .build import disabled, load_error
 from .function import AdaptiveInfoNCECPUFunction, Setup, compute_inputs
@@ -47,8 +49,6 @@ def adaptive_info_nce_cpu(p: Prepared):
         loss = loss / 2  # the mean of the two directions' sums (reference.reduce_rows)
     if p.stats is None:
         return loss
-    from ..stats import LossStats
-
     return loss, LossStats(m=out[1], histogram=out[2], range=p.stats.range)
 
 
@@ -123,8 +123,6 @@ def valid_pairs(p: Prepared):
 def _masked(p: Prepared):
     """The loss of the valid pairs alone, results scattered back to every row (masked rows 0):
     the mask's meaning (reference.py). Fewer than two valid pairs: the reference."""
-    from ..reference import adaptive_info_nce_reference
-
     found = valid_pairs(p)
     if found is None:
         return adaptive_info_nce_reference(p)
@@ -135,8 +133,6 @@ def _masked(p: Prepared):
         loss = loss.new_zeros(p.rows).index_put((per_row,), loss)
     if p.stats is None:
         return loss
-    from ..stats import LossStats
-
     stats = out[1]
     m = stats.m.new_zeros(p.rows).index_put((per_row,), stats.m)
     return loss, LossStats(m=m, histogram=stats.histogram, range=p.stats.range)

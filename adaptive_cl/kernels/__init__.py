@@ -18,6 +18,7 @@ import triton  # noqa: F401  (ImportError here tells backends.py the kernels are
 import torch
 
 from ..contract import Prepared, extended_options
+from ..histogram import LossStats
 from . import adaptive_info_nce_fwd as _fwd
 from .function import MAX_LABEL_ROWS, AdaptiveInfoNCEFunction
 
@@ -55,8 +56,6 @@ def adaptive_info_nce_triton(p: Prepared):
     k_rows = None if p.k_scalar is not None else p.k_rows
     if p.stats is None:
         return AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options, p.labels_rows)
-    from ..stats import LossStats
-
     loss, m, counts = AdaptiveInfoNCEFunction.apply(p.z, p.z_aug, k_rows, p.k_scalar, p.options, p.labels_rows,
                                                     p.stats)
     return loss, LossStats(m=m, histogram=counts, range=p.stats.range)
