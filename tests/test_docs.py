@@ -61,9 +61,13 @@ def test_every_training_flag_the_readme_names_exists(capsys):
 
 
 def test_every_reproduction_flag_the_readme_names_exists(capsys):
+    """The reproduction's own flags, and the training flags it passes after ``--``."""
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--help"], "reproduce.py")
     known = _flags(capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    known |= _flags(capsys.readouterr().out)
     missing = _flags(_section("Reproducing the paper's table")) - known
     assert not missing, missing
 
