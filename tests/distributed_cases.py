@@ -8,6 +8,7 @@ failure raises in the worker; torch.multiprocessing.spawn re-raises it in the te
 from __future__ import annotations
 
 import datetime
+import gc
 import warnings
 
 import torch
@@ -343,6 +344,12 @@ def ddp_module_worker(rank: int, world: int, init_file: str, sizes) -> None:
                     assert_close_normwise(g, w, dtype=torch.float64, length=2 * b + d, what="DDP gradient")
                 else:
                     assert_close_normwise(g * world, w, dtype=torch.float64, length=2 * b + d)
+            # Free DDP (its reducer holds the process group) while the group is still
+            # registered: released last, by the function's return, the reducer destroys the
+            # gloo group from the main thread holding the GIL while gloo's worker thread frees a
+            # finished work's tensor and waits for the GIL (a deadlock seen under load in CI).
+            del ddp, loss, got
+            gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
