@@ -91,8 +91,6 @@ def positive(kind: type):
 
 
 _seed = number(int, lambda v: 0 <= v < 2**32, "in [0, 2**32)")  # numpy's seed range
-_fraction = number(float, lambda v: 0 < v <= 1, "in (0, 1]")
-_non_negative = number(float, lambda v: 0 <= v < float("inf"), "finite and >= 0")
 
 
 #: TrainConfig fields without a generated flag, and the hand-written flag that sets each.

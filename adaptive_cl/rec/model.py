@@ -59,7 +59,7 @@ class _Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """``(b, L, hidden)`` -> ``(b, L, hidden)``; with ``last_only`` -> ``(b, 1, hidden)``, the
         last column only (every column still serves as a key and a value)."""
-        b, length, hidden = x.shape
+        b, _, hidden = x.shape
         d = hidden // self.heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
